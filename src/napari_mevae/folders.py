@@ -1,0 +1,210 @@
+"""The reference's folder layout: ``<dir>/train/*.tif`` (or ``<dir>/*.tif``), one folder per
+encoder input plus one for the target, images paired BY FILE NAME (the reference paired by
+position and silently mixed cells up when a file was missing).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "list_images",
+    "match_by_name",
+    "read_image",
+    "write_image",
+    "FolderPairs",
+    "FolderTargets",
+    "natural_key",
+]
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+
+
+def natural_key(name: str) -> list[object]:
+    """Sort Image_2 before Image_10."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Images of ``folder/train`` if it exists, else of ``folder``, in natural name order."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    base = folder / "train" if (folder / "train").is_dir() else folder
+    files = [p for p in base.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise FileNotFoundError(
+            f"no images ({', '.join(IMAGE_SUFFIXES)}) in {base}; expected <dir>/train/*.tif or <dir>/*.tif"
+        )
+    return sorted(files, key=lambda p: natural_key(p.name))
+
+
+def match_by_name(folders: Sequence[str | os.PathLike]) -> tuple[list[str], list[list[Path]]]:
+    """Pair images across folders by file stem.  Returns the names and, per folder, the paths in
+    that order.  Raises a ValueError listing the unmatched names."""
+    listings = [list_images(f) for f in folders]
+    maps = [{p.stem: p for p in files} for files in listings]
+    common = set(maps[0])
+    for m in maps[1:]:
+        common &= set(m)
+    problems = []
+    for folder, m in zip(folders, maps, strict=True):
+        missing = sorted(set().union(*maps) - set(m), key=natural_key)
+        if missing:
+            shown = ", ".join(missing[:10]) + (f" ... ({len(missing)} in all)" if len(missing) > 10 else "")
+            problems.append(f"{folder} lacks {shown}")
+    if problems:
+        raise ValueError("images do not pair up by file name: " + "; ".join(problems))
+    names = sorted(common, key=natural_key)
+    return names, [[m[n] for n in names] for m in maps]
+
+
+def read_image(path: str | os.PathLike, image_size: int | None = None, channels: int | None = None) -> np.ndarray:
+    """One image as float32 ``(C, S, S)`` scaled to [0, 1] by its own maximum (as the reference;
+    an all-zero image stays zero instead of becoming NaN).  Resized when ``image_size`` differs.
+    Channel-last files ``(Y, X, C)`` with C <= 32 are moved to channel-first."""
+    path = Path(path)
+    if path.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        arr = tifffile.imread(path)
+    else:
+        from skimage.io import imread
+
+        arr = imread(path)
+    arr = np.asarray(arr)
+    if arr.ndim == 2:
+        arr = arr[None]
+    elif arr.ndim == 3:
+        if arr.shape[-1] <= 32 and arr.shape[0] > 32:  # (Y, X, C)
+            arr = np.moveaxis(arr, -1, 0)
+    else:
+        raise ValueError(f"{path}: expected a 2-D or 3-D image, got shape {arr.shape}")
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():
+        arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
+    if channels is not None and arr.shape[0] != channels:
+        if arr.shape[0] in (3, 4) and channels == 1:  # RGB(A) file for a 1-channel model
+            arr = arr[:3].mean(0, keepdims=True)
+        else:
+            raise ValueError(f"{path}: has {arr.shape[0]} channel(s), expected {channels} (--nchannel)")
+    if image_size is not None and arr.shape[1:] != (image_size, image_size):
+        from skimage.transform import resize
+
+        arr = resize(arr, (arr.shape[0], image_size, image_size), order=1, anti_aliasing=True, preserve_range=True)
+        arr = arr.astype(np.float32)
+    peak = float(arr.max()) if arr.size else 0.0
+    if peak > 0:
+        arr /= peak
+    np.clip(arr, 0.0, 1.0, out=arr)
+    return arr
+
+
+def write_image(path: str | os.PathLike, image: np.ndarray) -> Path:
+    """Save a ``(C, S, S)`` (or ``(S, S)``) image in [0, 1] as uint8 TIFF (2-D when one channel,
+    channel-first otherwise)."""
+    import tifffile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.asarray(image, dtype=np.float32)
+    if arr.ndim == 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    tifffile.imwrite(path, np.round(np.clip(arr, 0, 1) * 255).astype(np.uint8))
+    return path
+
+
+def _load_all(paths: Sequence[Path], image_size: int, channels: int) -> np.ndarray:
+    out = np.empty((len(paths), channels, image_size, image_size), np.float32)
+    for i, p in enumerate(paths):
+        out[i] = read_image(p, image_size, channels)
+    return out
+
+
+class FolderPairs:
+    """Torch-style dataset of the reference layout: K input folders + one target folder.
+
+    Item ``i`` is ``(inputs (K,C,S,S), target (C,S,S))`` as float32 tensors.  Images are loaded
+    once into memory by default (``in_memory``); ``in_memory=False`` reads files lazily, for data
+    sets that do not fit.
+    """
+
+    def __init__(
+        self,
+        input_dirs: Sequence[str | os.PathLike],
+        target_dir: str | os.PathLike,
+        image_size: int,
+        channels: int = 1,
+        in_memory: bool = True,
+    ) -> None:
+        if not input_dirs:
+            raise ValueError("at least one input folder is needed")
+        self.names, paths = match_by_name([*input_dirs, target_dir])
+        self.input_paths, self.target_paths = paths[:-1], paths[-1]
+        self.image_size, self.channels = image_size, channels
+        self.n_encoders = len(input_dirs)
+        self._inputs: list[np.ndarray] | None = None
+        self._targets: np.ndarray | None = None
+        if in_memory:
+            self._inputs = [_load_all(p, image_size, channels) for p in self.input_paths]
+            self._targets = _load_all(self.target_paths, image_size, channels)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int):
+        import torch
+
+        if self._targets is not None and self._inputs is not None:
+            inputs = np.stack([a[i] for a in self._inputs])
+            target = self._targets[i]
+        else:
+            inputs = np.stack([read_image(p[i], self.image_size, self.channels) for p in self.input_paths])
+            target = read_image(self.target_paths[i], self.image_size, self.channels)
+        return torch.from_numpy(inputs), torch.from_numpy(np.ascontiguousarray(target))
+
+    @property
+    def filenames(self) -> list[str]:
+        """First input folder's paths: the rows of filenames.csv."""
+        return [str(p) for p in self.input_paths[0]]
+
+    def targets_array(self) -> np.ndarray:
+        if self._targets is not None:
+            return self._targets
+        return _load_all(self.target_paths, self.image_size, self.channels)
+
+    def inputs_array(self, k: int) -> np.ndarray:
+        if self._inputs is not None:
+            return self._inputs[k]
+        return _load_all(self.input_paths[k], self.image_size, self.channels)
+
+    def pairs_array(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """``(N, K, C, S, S)`` encoder inputs for a slice, for encoding."""
+        stop = len(self) if stop is None else stop
+        if self._inputs is not None:
+            return np.stack([a[start:stop] for a in self._inputs], axis=1)
+        return np.stack(
+            [_load_all(p[start:stop], self.image_size, self.channels) for p in self.input_paths], axis=1
+        )
+
+
+class FolderTargets:
+    """A folder of canonical crops (``<dir>/train/*.tif`` or ``<dir>/*.tif``) as ``(N,C,S,S)``."""
+
+    def __init__(self, folder: str | os.PathLike, image_size: int, channels: int = 1) -> None:
+        self.paths = list_images(folder)
+        self.names = [p.stem for p in self.paths]
+        self.array = _load_all(self.paths, image_size, channels)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def filenames(self) -> list[str]:
+        return [str(p) for p in self.paths]

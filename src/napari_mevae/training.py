@@ -1,0 +1,619 @@
+"""One trainer for every front end: a generator of progress reports, checkpoints, resume.
+
+The CLI iterates it with a progress bar; the napari widget runs it in a thread worker and
+shows each yielded :class:`TrainReport`.  Stopping happens between steps (``Trainer.stop()`` or
+closing the generator) and always leaves a usable model and, with a ``save_dir``, a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Generator, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .model import MEVAE, MEVAEConfig
+
+__all__ = [
+    "TrainOptions",
+    "TrainReport",
+    "Trainer",
+    "TrainingDiverged",
+    "CheckpointError",
+    "Checkpoint",
+    "save_checkpoint",
+    "load_checkpoint",
+    "resolve_checkpoint",
+    "select_device",
+    "seed_everything",
+]
+
+CHECKPOINT_FORMAT = "napari-mevae-checkpoint"
+CHECKPOINT_VERSION = 1
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the model holds the last good weights."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, unsafe or does not fit the data/model."""
+
+
+@dataclass
+class TrainOptions:
+    """How to train; defaults follow the reference (RMSprop, lr 5e-4, batch 50, patience 8)."""
+
+    epochs: int = 10
+    batch_size: int = 50
+    learn_rate: float = 5e-4
+    seed: int | None = None
+    device: str = "auto"
+    earlystop: bool = True
+    patience: int = 8
+    min_delta: float = 0.0
+    save_dir: str | os.PathLike | None = None
+    num_workers: int = 0
+    shuffle: bool = True
+    channels_last: bool = True
+    distributed: bool = False
+
+    def validate(self) -> None:
+        if self.epochs < 0:
+            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not (self.learn_rate > 0 and math.isfinite(self.learn_rate)):
+            raise ValueError(f"learn_rate must be a positive number, got {self.learn_rate}")
+        if self.patience < 1:
+            raise ValueError(f"patience must be >= 1, got {self.patience}")
+
+
+class EpochSampler(Sampler[int]):
+    """Seeded per-epoch permutation, split across processes by stride.
+
+    With ``world`` processes each taking ``batch/world`` items, rank r's batch j holds items
+    ``perm[j*batch + r :: world]``: together exactly the single-process batch j, so a distributed
+    run sees the same global batches as a one-process run with the same seed.
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1) -> None:
+        self.n, self.seed, self.shuffle, self.rank, self.world = n, seed, shuffle, rank, world
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed * 1000 + self.epoch)
+            perm = torch.randperm(self.n, generator=g).tolist()
+        else:
+            perm = list(range(self.n))
+        return iter(perm[self.rank :: self.world])
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world))
+
+
+@dataclass
+class TrainReport:
+    """One progress message.  ``kind`` is ``step``, ``epoch`` or ``end``.
+
+    For ``end`` reports ``reason`` says why training ended: ``done``, ``early_stop`` or
+    ``stopped``.  Plain numbers only, so a GUI thread can take it across threads safely.
+    """
+
+    kind: str
+    epoch: int
+    step: int
+    steps_per_epoch: int
+    loss: float
+    recon: float
+    kl: float
+    images_per_s: float
+    epochs: int
+    reason: str = ""
+    message: str = ""
+    checkpoint: str = ""
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the whole run done, 0..1."""
+        total = max(1, self.epochs * self.steps_per_epoch)
+        return min(1.0, (self.epoch * self.steps_per_epoch + self.step) / total)
+
+
+@dataclass
+class Checkpoint:
+    config: MEVAEConfig
+    model_state: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any] | None = None
+    epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    def build_model(self, device: str | torch.device = "cpu") -> MEVAE:
+        model = MEVAE(self.config)
+        try:
+            model.load_state_dict(self.model_state)
+        except RuntimeError as err:  # shape mismatch inside a hand-edited file
+            raise CheckpointError(f"checkpoint weights do not fit its own config: {err}") from err
+        return model.to(device).eval()
+
+
+# -- devices and seeds -----------------------------------------------------------------------
+def select_device(device: str = "auto") -> torch.device:
+    """``auto`` picks cuda > mps > cpu; anything else is passed to torch, checked."""
+    if device in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} requested but MPS is not available on this machine")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        _readable(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_write_text(text: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    _readable(tmp)
+    os.replace(tmp, path)
+
+
+def _readable(path: str) -> None:
+    """mkstemp makes 0600 files; give checkpoints the usual umask-based permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: MEVAE,
+    optimizer: torch.optim.Optimizer | None = None,
+    epoch: int = 0,
+    history: Iterable[dict[str, float]] = (),
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write weights + config atomically (temp file + rename) and a readable config JSON beside.
+
+    ``path`` is a ``.pt`` file or a directory (then ``<dir>/checkpoint.pt``)."""
+    path = Path(path)
+    if path.suffix != ".pt":
+        path = path / CHECKPOINT_NAME
+    state = {k: v.detach().to("cpu") for k, v in _unwrap(model).state_dict().items()}
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "config": model_config(model).to_dict(),
+        "model": state,
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "epoch": int(epoch),
+        "history": [dict(h) for h in history],
+        "extra": dict(extra or {}),
+    }
+    _atomic_torch_save(payload, path)
+    _atomic_write_text(model_config(model).to_json() + "\n", path.with_suffix(".json"))
+    return path
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint file, or the save_dir / models dir of a training run."""
+    p = Path(path)
+    if p.is_dir():
+        for cand in (p / CHECKPOINT_NAME, p / "models" / CHECKPOINT_NAME):
+            if cand.is_file():
+                return cand
+        raise CheckpointError(
+            f"no checkpoint in directory {p}: expected {CHECKPOINT_NAME} or models/{CHECKPOINT_NAME}"
+        )
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    return p
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read a checkpoint safely: ``weights_only=True`` so a file can never run code."""
+    p = resolve_checkpoint(path)
+    try:
+        payload = torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as err:  # pickle.UnpicklingError, RuntimeError (zip), EOFError...
+        raise CheckpointError(
+            f"cannot read checkpoint {p}: not a napari-mevae checkpoint, corrupt, or it holds "
+            f"objects other than weights (refused for safety). Details: {err}"
+        ) from err
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{p} is not a napari-mevae checkpoint (no format marker)")
+    if payload.get("version", 0) > CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{p} was written by a newer napari-mevae (format version {payload['version']})"
+        )
+    try:
+        config = MEVAEConfig.from_dict(payload["config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{p} has an invalid model config: {err}") from err
+    return Checkpoint(
+        config=config,
+        model_state=payload["model"],
+        optimizer_state=payload.get("optimizer"),
+        epoch=int(payload.get("epoch", 0)),
+        history=list(payload.get("history", [])),
+        extra=dict(payload.get("extra", {})),
+        path=p,
+    )
+
+
+def check_compatible(config: MEVAEConfig, image_size: int, channels: int, n_inputs: int) -> None:
+    """Clear error when data does not fit a (loaded) model, naming what differs."""
+    problems = []
+    if config.image_size != image_size:
+        problems.append(f"image size: model {config.image_size}, data {image_size}")
+    if config.channels != channels:
+        problems.append(f"channels: model {config.channels}, data {channels}")
+    if config.n_encoders != n_inputs:
+        problems.append(f"encoder inputs: model K={config.n_encoders}, data {n_inputs}")
+    if problems:
+        raise CheckpointError("model and data do not match: " + "; ".join(problems))
+
+
+def _unwrap(model: torch.nn.Module) -> MEVAE:
+    return getattr(model, "module", model)
+
+
+def model_config(model: torch.nn.Module) -> MEVAEConfig:
+    return _unwrap(model).config
+
+
+# -- the trainer -----------------------------------------------------------------------------
+class Trainer:
+    """Trains an :class:`MEVAE` on a dataset of ``(inputs (K,C,S,S), target (C,S,S))`` items.
+
+    Datasets with a ``set_epoch(epoch)`` method get it called each epoch, so on-the-fly
+    nuisance datasets redraw fresh transforms every epoch, reproducibly.
+    """
+
+    def __init__(
+        self,
+        model: MEVAE | MEVAEConfig,
+        dataset: Dataset,
+        options: TrainOptions | None = None,
+        resume: Checkpoint | None = None,
+    ) -> None:
+        self.options = options or TrainOptions()
+        self.options.validate()
+        if isinstance(model, MEVAEConfig):
+            if self.options.seed is not None:
+                seed_everything(self.options.seed)
+            model = MEVAE(model)
+        self.rank, self.world, self._own_group = 0, 1, False
+        if self.options.distributed:
+            self._init_distributed()
+        self.device = select_device(self.options.device)
+        if self.world > 1 and self.device.type == "cuda":
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            self.device = torch.device("cuda", local)
+            torch.cuda.set_device(self.device)
+        self.model = model.to(self.device)
+        if self.options.channels_last and self.device.type != "mps":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.dataset = dataset
+        if len(dataset) == 0:  # type: ignore[arg-type]
+            raise ValueError("the training set is empty")
+        if self.world > 1 and self.options.batch_size % self.world:
+            raise ValueError(
+                f"--batch_size {self.options.batch_size} is the global batch and must be divisible "
+                f"by the number of processes ({self.world})"
+            )
+        self.optimizer = torch.optim.RMSprop(self.model.parameters(), lr=self.options.learn_rate)
+        self.start_epoch = 0
+        self.history: list[dict[str, float]] = []
+        if resume is not None:
+            diff = resume.config.diff(self.model.config)
+            diff.pop("beta", None)  # beta may change when fine-tuning; nothing else may
+            diff.pop("epsilon_std", None)
+            if diff:
+                raise CheckpointError(
+                    "cannot resume: checkpoint and model differ in "
+                    + ", ".join(f"{k} (checkpoint {a}, now {b})" for k, (a, b) in diff.items())
+                )
+            self.model.load_state_dict(resume.model_state)
+            if resume.optimizer_state:
+                self.optimizer.load_state_dict(resume.optimizer_state)
+            self.start_epoch = resume.epoch
+            self.history = list(resume.history)
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.model, device_ids=ids)
+        self.sampler = EpochSampler(
+            len(dataset),  # type: ignore[arg-type]
+            self.options.seed or 0,
+            self.options.shuffle,
+            self.rank,
+            self.world,
+        )
+        self._stop = False
+        self.last_checkpoint: Path | None = None
+
+    def _init_distributed(self) -> None:
+        import torch.distributed as dist
+
+        if not dist.is_available():
+            raise RuntimeError("this PyTorch build has no torch.distributed")
+        if not dist.is_initialized():
+            if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+                raise RuntimeError(
+                    "distributed training needs torchrun (RANK/WORLD_SIZE not set): "
+                    "torchrun --nproc_per_node=N -m napari_mevae train ..."
+                )
+            backend = "nccl" if torch.cuda.is_available() and self.options.device != "cpu" else "gloo"
+            dist.init_process_group(backend=backend)
+            self._own_group = True
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    @property
+    def model_unwrapped(self) -> MEVAE:
+        return _unwrap(self.model)
+
+    def close(self) -> None:
+        """Wait for every process and leave the process group this trainer created."""
+        if self._own_group:
+            import torch.distributed as dist
+
+            dist.barrier()
+            dist.destroy_process_group()
+            self._own_group = False
+
+    # -- control ---------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask training to end after the current step (thread-safe: a plain flag)."""
+        self._stop = True
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        if self.options.save_dir is None:
+            return None
+        return Path(self.options.save_dir) / "models" / CHECKPOINT_NAME
+
+    def save(self, epoch: int) -> Path | None:
+        path = self.checkpoint_path
+        if path is None:
+            return None
+        self.last_checkpoint = save_checkpoint(
+            path, self.model, self.optimizer, epoch=epoch, history=self.history
+        )
+        return self.last_checkpoint
+
+    def _loader(self, epoch: int) -> DataLoader:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        self.sampler.set_epoch(epoch)
+        return DataLoader(
+            self.dataset,
+            batch_size=self.options.batch_size // self.world,
+            sampler=self.sampler,
+            num_workers=self.options.num_workers,
+            drop_last=False,
+            persistent_workers=False,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.to(self.device, non_blocking=True).float()
+        if self.options.channels_last and t.dim() == 4 and self.device.type != "mps":
+            t = t.contiguous(memory_format=torch.channels_last)
+        return t
+
+    # -- the loop --------------------------------------------------------------------------
+    def run(self) -> Generator[TrainReport, None, MEVAE]:
+        """Train, yielding a report per step, one per epoch and a final ``end`` report."""
+        opts = self.options
+        total_epochs = self.start_epoch + opts.epochs
+        good_state = _copy_state(self.model)
+        best = math.inf
+        bad_epochs = 0
+        reason = "done"
+        epoch = self.start_epoch
+        last = dict(loss=math.nan, recon=math.nan, kl=math.nan, images_per_s=0.0)
+        steps = 0
+        try:
+            for epoch in range(self.start_epoch, total_epochs):
+                if self._stop:
+                    reason = "stopped"
+                    break
+                self.model.train()
+                loader = self._loader(epoch)
+                steps = len(loader)
+                sums = np.zeros(3)
+                seen = 0
+                t_epoch = time.perf_counter()
+                for step, (inputs, target) in enumerate(loader):
+                    t0 = time.perf_counter()
+                    inputs, target = inputs.to(self.device).float(), self._to_device(target)
+                    out = self.model(inputs)
+                    terms = _unwrap(self.model).loss(out, target)
+                    loss = terms["loss"]
+                    if not torch.isfinite(loss):
+                        self.model.load_state_dict(good_state)
+                        self._finish()
+                        raise TrainingDiverged(
+                            f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                            "training stopped and the last good weights were kept "
+                            f"({'checkpoint ' + str(self.last_checkpoint) if self.last_checkpoint else 'in memory'}). "
+                            "Try a lower learning rate or check the images for NaN/inf pixels."
+                        )
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    self.optimizer.step()
+                    n = target.shape[0]
+                    vals = np.array([loss.item(), terms["recon"].item(), terms["kl"].item()])
+                    sums += vals * n
+                    seen += n
+                    dt = max(time.perf_counter() - t0, 1e-9)
+                    last = dict(
+                        loss=vals[0], recon=vals[1], kl=vals[2], images_per_s=n * self.world / dt
+                    )
+                    yield TrainReport("step", epoch, step + 1, steps, epochs=total_epochs, **last)
+                    if self._stop:
+                        break
+                if self._stop and seen < len(self.sampler):
+                    reason = "stopped"
+                    # a partial epoch still trained the weights: keep them
+                    good_state = _copy_state(self.model)
+                    if seen:
+                        self._record(epoch, sums / seen, seen, t_epoch, partial=True)
+                    break
+                if self.world > 1:
+                    sums, seen = self._all_reduce(sums, seen)
+                mean = sums / max(seen, 1)
+                self._record(epoch, mean, seen, t_epoch)
+                good_state = _copy_state(self.model)
+                ckpt = self.save(epoch + 1)
+                ips = seen / max(time.perf_counter() - t_epoch, 1e-9)
+                yield TrainReport(
+                    "epoch",
+                    epoch + 1,
+                    0,
+                    steps,
+                    float(mean[0]),
+                    float(mean[1]),
+                    float(mean[2]),
+                    ips,
+                    total_epochs,
+                    checkpoint=str(ckpt or ""),
+                )
+                if opts.earlystop:
+                    if mean[0] < best - opts.min_delta:
+                        best, bad_epochs = float(mean[0]), 0
+                    else:
+                        bad_epochs += 1
+                        if bad_epochs >= opts.patience:
+                            reason = "early_stop"
+                            break
+                if self._stop:
+                    reason = "stopped"
+                    break
+        except GeneratorExit:
+            # The consumer closed us (e.g. a napari worker quit): keep what was learned.
+            self._final_save(epoch, partial=True)
+            self._finish()
+            raise
+        done_epoch = len([h for h in self.history if not h.get("partial")])
+        ckpt = self._final_save(epoch, partial=reason == "stopped")
+        msg = {
+            "done": f"training finished after {done_epoch} epoch(s)",
+            "early_stop": f"early stop: loss did not improve for {opts.patience} epochs",
+            "stopped": "training stopped by the user; the model was kept",
+        }[reason]
+        yield TrainReport(
+            "end",
+            done_epoch,
+            0,
+            steps,
+            epochs=total_epochs,
+            reason=reason,
+            message=msg,
+            checkpoint=str(ckpt or ""),
+            **last,
+        )
+        return self._finish()
+
+    def _finish(self) -> MEVAE:
+        """Back to the default memory layout, so later encodings match a reloaded checkpoint
+        bit for bit."""
+        model = _unwrap(self.model)
+        model.to(memory_format=torch.contiguous_format).eval()
+        return model
+
+    def _all_reduce(self, sums: np.ndarray, seen: int) -> tuple[np.ndarray, int]:
+        import torch.distributed as dist
+
+        t = torch.tensor([*sums, seen], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        vals = t.cpu().numpy()
+        return vals[:3], int(vals[3])
+
+    def _record(
+        self, epoch: int, mean: np.ndarray, seen: int, t0: float, partial: bool = False
+    ) -> None:
+        entry = {
+            "epoch": epoch + 1,
+            "loss": float(mean[0]),
+            "recon": float(mean[1]),
+            "kl": float(mean[2]),
+            "seconds": time.perf_counter() - t0,
+            "images": seen,
+        }
+        if partial:
+            entry["partial"] = True
+        self.history.append(entry)
+
+    def _final_save(self, epoch: int, partial: bool) -> Path | None:
+        # the epoch counter in a checkpoint counts completed epochs only, so resume redoes
+        # a partial one
+        del epoch, partial
+        return self.save(len([h for h in self.history if not h.get("partial")]))
+
+    def train(self) -> MEVAE:
+        """Run to the end without reporting (library use)."""
+        gen = self.run()
+        while True:
+            try:
+                next(gen)
+            except StopIteration as stop:
+                return stop.value
+
+
+def _copy_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def history_json(history: list[dict[str, float]]) -> str:
+    return json.dumps(history, indent=2)
+
+
+def report_dict(report: TrainReport) -> dict[str, Any]:
+    return asdict(report)

@@ -1,0 +1,102 @@
+import json
+
+import pytest
+import torch
+
+from napari_mevae.model import MEVAE, MEVAEConfig, count_parameters, preset
+
+
+def test_reference_preset_has_published_parameter_count():
+    model = MEVAE(preset("reference"))
+    assert count_parameters(model) == 4_964_737
+    assert count_parameters(model.encoders[0]) == 2_128_832
+    assert count_parameters(model.decoder) == 707_073
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("c", [1, 3, 24])
+def test_shapes_for_k_encoders_and_channels(k, c):
+    cfg = preset("tiny", n_encoders=k, channels=c)
+    model = MEVAE(cfg)
+    x = torch.rand(4, k, c, 32, 32)
+    out = model(x)
+    assert out.recon.shape == (4, c, 32, 32)
+    assert out.means.shape == (k, 4, cfg.latent_dim)
+    assert out.z.shape == (4, cfg.latent_dim)
+    assert 0 <= float(out.recon.min()) and float(out.recon.max()) <= 1
+    terms = model.loss(out, torch.rand(4, c, 32, 32))
+    assert all(torch.isfinite(v) for v in terms.values())
+
+
+def test_k1_accepts_plain_batches_and_rejects_wrong_shapes():
+    model = MEVAE(preset("tiny", n_encoders=1))
+    assert model.encode(torch.rand(3, 1, 32, 32)).shape == (3, 8)
+    two = MEVAE(preset("tiny", n_encoders=2))
+    with pytest.raises(ValueError, match=r"K=2"):
+        two(torch.rand(3, 1, 1, 32, 32))
+
+
+def test_image_size_must_be_multiple_of_two_to_the_nlayers():
+    with pytest.raises(ValueError, match=r"multiple of 2\*\*nlayers = 8"):
+        MEVAEConfig(image_size=36, nlayers=3)
+    MEVAEConfig(image_size=48, nlayers=4)  # 48 = 3 * 16 works
+    for bad in (dict(channels=0), dict(latent_dim=-1), dict(kernel_size=4), dict(n_encoders=0), dict(beta=-1)):
+        with pytest.raises(ValueError):
+            MEVAEConfig(**bad)
+
+
+def test_config_json_round_trip_and_unknown_fields():
+    cfg = preset("reference", n_encoders=3, beta=2.5, nuisances=["rotation", "polarity", "scale"])
+    again = MEVAEConfig.from_json(cfg.to_json())
+    assert again == cfg
+    data = json.loads(cfg.to_json())
+    data["bogus"] = 1
+    with pytest.raises(ValueError, match="bogus"):
+        MEVAEConfig.from_dict(data)
+    assert cfg.diff(preset("reference")) == {
+        "n_encoders": (3, 2),
+        "beta": (2.5, 1.0),
+        "nuisances": (["rotation", "polarity", "scale"], []),
+    }
+
+
+def test_encode_is_deterministic_product_of_means_and_sampling_is_optional():
+    torch.manual_seed(0)
+    model = MEVAE(preset("tiny", n_encoders=3))
+    x = torch.rand(5, 3, 1, 32, 32)
+    a, b = model.encode(x), model.encode(x)
+    assert torch.equal(a, b)
+    means, _ = model.encode_all(x)
+    assert torch.allclose(a, means[0] * means[1] * means[2])
+    s1, s2 = model.encode(x, sample=True), model.encode(x, sample=True)
+    assert not torch.equal(s1, s2)
+
+
+def test_kl_is_correct_in_log_variance_and_beta_weights_it():
+    cfg = preset("tiny", n_encoders=2, beta=3.0)
+    model = MEVAE(cfg)
+    out = model(torch.rand(2, 2, 1, 32, 32))
+    mu, lv = out.means, out.logvars
+    # KL(N(mu, var) || N(0,1)) = 0.5 * sum(var + mu^2 - 1 - log var)
+    expected = (0.5 * (lv.exp() + mu**2 - 1 - lv).sum(-1)).mean(0).mean()
+    terms = model.loss(out, torch.rand(2, 1, 32, 32))
+    assert torch.allclose(terms["kl"], expected, rtol=1e-5)
+    assert torch.allclose(terms["loss"], terms["recon"] + 3.0 * terms["kl"], rtol=1e-5)
+
+
+def test_bce_scaled_by_pixel_count_and_mse_option():
+    model = MEVAE(preset("tiny", n_encoders=1))
+    out = model(torch.rand(2, 1, 1, 32, 32))
+    target = torch.rand(2, 1, 32, 32)
+    bce = torch.nn.functional.binary_cross_entropy(out.recon, target) * 32 * 32
+    assert torch.allclose(model.loss(out, target)["recon"], bce, rtol=1e-4)
+    model.config.recon_loss = "mse"
+    mse = torch.nn.functional.mse_loss(out.recon, target) * 32 * 32
+    assert torch.allclose(model.loss(out, target)["recon"], mse, rtol=1e-4)
+
+
+def test_all_zero_images_give_finite_loss():
+    model = MEVAE(preset("tiny"))
+    out = model(torch.zeros(2, 2, 1, 32, 32))
+    terms = model.loss(out, torch.zeros(2, 1, 32, 32))
+    assert torch.isfinite(terms["loss"])

@@ -1,0 +1,202 @@
+import math
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from napari_mevae.model import MEVAE, preset
+from napari_mevae.training import (
+    CheckpointError,
+    Trainer,
+    TrainingDiverged,
+    TrainOptions,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+    select_device,
+)
+
+
+class Blobs(torch.utils.data.Dataset):
+    """K noisy views of smooth blobs -> the clean blob: a tiny learnable pair set."""
+
+    def __init__(self, n=32, k=2, c=1, size=32, seed=0):
+        rng = np.random.default_rng(seed)
+        yy, xx = np.mgrid[:size, :size]
+        cy, cx = rng.uniform(8, size - 8, (2, n))
+        r = rng.uniform(3, 7, n)
+        self.targets = np.exp(-(((yy - cy[:, None, None]) ** 2 + (xx - cx[:, None, None]) ** 2) / (2 * r[:, None, None] ** 2)))
+        self.targets = np.repeat(self.targets[:, None], c, 1).astype(np.float32)
+        self.inputs = np.clip(self.targets[:, None] + rng.normal(0, 0.05, (n, k, c, size, size)), 0, 1).astype(np.float32)
+        self.epochs_seen = []
+
+    def set_epoch(self, epoch):
+        self.epochs_seen.append(epoch)
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(self.inputs[i]), torch.from_numpy(self.targets[i])
+
+
+def run_all(trainer):
+    return list(trainer.run())
+
+
+def test_loss_decreases_and_reports_are_complete(tmp_path):
+    ds = Blobs()
+    cfg = preset("tiny", latent_dim=4)
+    trainer = Trainer(cfg, ds, TrainOptions(epochs=6, batch_size=8, learn_rate=2e-3, seed=1, save_dir=tmp_path))
+    reports = run_all(trainer)
+    epochs = [r for r in reports if r.kind == "epoch"]
+    steps = [r for r in reports if r.kind == "step"]
+    assert [r.epoch for r in epochs] == [1, 2, 3, 4, 5, 6]
+    assert len(steps) == 6 * 4 and all(r.steps_per_epoch == 4 for r in steps)
+    assert epochs[-1].loss < 0.8 * epochs[0].loss
+    assert all(r.images_per_s > 0 and math.isfinite(r.recon) and math.isfinite(r.kl) for r in steps)
+    assert reports[-1].kind == "end" and reports[-1].reason == "done"
+    assert ds.epochs_seen == list(range(6))  # fresh nuisances get a set_epoch call each epoch
+    assert (tmp_path / "models" / "checkpoint.pt").is_file()
+    assert (tmp_path / "models" / "checkpoint.json").is_file()
+    assert steps[-1].progress == pytest.approx(1.0)
+
+
+def test_seeded_runs_reproduce_the_same_losses():
+    def losses():
+        t = Trainer(preset("tiny"), Blobs(), TrainOptions(epochs=2, batch_size=8, seed=7))
+        return [r.loss for r in t.run() if r.kind == "step"]
+
+    assert losses() == losses()
+
+
+def test_checkpoint_round_trip_gives_identical_encodings(tmp_path):
+    ds = Blobs()
+    trainer = Trainer(preset("tiny"), ds, TrainOptions(epochs=1, batch_size=8, seed=0))
+    model = trainer.train()
+    path = save_checkpoint(tmp_path / "m.pt", model, trainer.optimizer, epoch=1)
+    ck = load_checkpoint(path)
+    again = ck.build_model()
+    x = torch.from_numpy(ds.inputs[:10])
+    assert torch.equal(model.cpu().encode(x), again.encode(x))
+    assert ck.epoch == 1 and ck.config == model.config
+    # a save_dir or models/ dir resolves to the file
+    save_checkpoint(tmp_path / "run" / "models", model)
+    assert resolve_checkpoint(tmp_path / "run") == tmp_path / "run" / "models" / "checkpoint.pt"
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/mevae_pwned",))
+
+
+def test_malicious_pickle_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "napari-mevae-checkpoint", "payload": Evil()}, path)
+    with pytest.raises(CheckpointError, match="refused for safety|cannot read"):
+        load_checkpoint(path)
+    assert not os.path.exists("/tmp/mevae_pwned")
+    raw = tmp_path / "raw.pt"
+    raw.write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(raw)
+    assert not os.path.exists("/tmp/mevae_pwned")
+
+
+def test_corrupt_missing_and_foreign_checkpoints_give_clear_errors(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nope.pt")
+    with pytest.raises(CheckpointError, match="no checkpoint in directory"):
+        load_checkpoint(tmp_path)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    with pytest.raises(CheckpointError, match="not a napari-mevae checkpoint"):
+        load_checkpoint(foreign)
+
+
+def test_resume_with_a_different_architecture_names_the_difference(tmp_path):
+    model = MEVAE(preset("tiny", channels=1))
+    ck = load_checkpoint(save_checkpoint(tmp_path / "m.pt", model))
+    with pytest.raises(CheckpointError, match=r"channels \(checkpoint 1, now 3\)"):
+        Trainer(preset("tiny", channels=3), Blobs(c=3), TrainOptions(epochs=1), resume=ck)
+
+
+def test_resume_continues_where_it_stopped(tmp_path):
+    ds = Blobs()
+    opts = dict(batch_size=8, seed=3, save_dir=tmp_path)
+    run_all(Trainer(preset("tiny"), ds, TrainOptions(epochs=2, **opts)))
+    ck = load_checkpoint(tmp_path)
+    assert ck.epoch == 2 and len(ck.history) == 2
+    reports = run_all(Trainer(ck.build_model(), ds, TrainOptions(epochs=2, **opts), resume=ck))
+    assert [r.epoch for r in reports if r.kind == "epoch"] == [3, 4]
+    assert load_checkpoint(tmp_path).epoch == 4
+
+
+def test_stop_between_steps_keeps_model_and_checkpoint(tmp_path):
+    trainer = Trainer(preset("tiny"), Blobs(), TrainOptions(epochs=5, batch_size=4, seed=0, save_dir=tmp_path))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    steps = 0
+    reports = []
+    for r in trainer.run():
+        reports.append(r)
+        if r.kind == "step":
+            steps += 1
+            if steps == 3:
+                trainer.stop()
+    assert steps == 3  # stopped right after the step that asked
+    assert reports[-1].kind == "end" and reports[-1].reason == "stopped"
+    after = trainer.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # trained weights kept
+    assert (tmp_path / "models" / "checkpoint.pt").is_file()
+
+
+def test_closing_the_generator_saves_a_checkpoint(tmp_path):
+    trainer = Trainer(preset("tiny"), Blobs(), TrainOptions(epochs=5, batch_size=4, seed=0, save_dir=tmp_path))
+    gen = trainer.run()
+    for _ in range(2):
+        next(gen)
+    gen.close()
+    ck = load_checkpoint(tmp_path)
+    x = torch.from_numpy(Blobs().inputs[:4])
+    assert torch.equal(ck.build_model().encode(x), trainer.model.cpu().eval().encode(x))
+
+
+def test_nan_loss_stops_with_clear_message_and_keeps_last_good_weights(tmp_path):
+    ds = Blobs()
+    trainer = Trainer(preset("tiny"), ds, TrainOptions(epochs=3, batch_size=8, seed=0, save_dir=tmp_path))
+    gen = trainer.run()
+    for r in gen:
+        if r.kind == "epoch":
+            break
+    good = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    ds.inputs[:] = np.nan  # poison the data
+    with pytest.raises(TrainingDiverged, match="loss became nan.*last good weights"):
+        list(gen)
+    assert all(torch.equal(good[k], v) for k, v in trainer.model.state_dict().items())
+    ck = load_checkpoint(tmp_path)
+    assert ck.epoch == 1 and all(torch.isfinite(v).all() for v in ck.model_state.values())
+
+
+def test_early_stopping_with_patience():
+    trainer = Trainer(preset("tiny"), Blobs(), TrainOptions(epochs=50, batch_size=8, learn_rate=1e-12, patience=2, seed=0, min_delta=1e6))
+    reports = run_all(trainer)
+    assert reports[-1].reason == "early_stop"
+    assert len([r for r in reports if r.kind == "epoch"]) == 3  # 1 best + 2 without improvement
+
+
+def test_options_and_device_validation():
+    assert select_device("auto").type in ("cpu", "cuda", "mps")
+    assert select_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            select_device("cuda")
+    with pytest.raises(ValueError, match="batch_size"):
+        Trainer(preset("tiny"), Blobs(), TrainOptions(batch_size=0))
+    with pytest.raises(ValueError, match="empty"):
+        Trainer(preset("tiny"), Blobs(n=0), TrainOptions())
