@@ -40,7 +40,13 @@ def test_image_size_must_be_multiple_of_two_to_the_nlayers():
     with pytest.raises(ValueError, match=r"multiple of 2\*\*nlayers = 8"):
         MEVAEConfig(image_size=36, nlayers=3)
     MEVAEConfig(image_size=48, nlayers=4)  # 48 = 3 * 16 works
-    for bad in (dict(channels=0), dict(latent_dim=-1), dict(kernel_size=4), dict(n_encoders=0), dict(beta=-1)):
+    for bad in (
+        dict(channels=0),
+        dict(latent_dim=-1),
+        dict(kernel_size=4),
+        dict(n_encoders=0),
+        dict(beta=-1),
+    ):
         with pytest.raises(ValueError):
             MEVAEConfig(**bad)
 

@@ -27,9 +27,16 @@ class Blobs(torch.utils.data.Dataset):
         yy, xx = np.mgrid[:size, :size]
         cy, cx = rng.uniform(8, size - 8, (2, n))
         r = rng.uniform(3, 7, n)
-        self.targets = np.exp(-(((yy - cy[:, None, None]) ** 2 + (xx - cx[:, None, None]) ** 2) / (2 * r[:, None, None] ** 2)))
+        self.targets = np.exp(
+            -(
+                ((yy - cy[:, None, None]) ** 2 + (xx - cx[:, None, None]) ** 2)
+                / (2 * r[:, None, None] ** 2)
+            )
+        )
         self.targets = np.repeat(self.targets[:, None], c, 1).astype(np.float32)
-        self.inputs = np.clip(self.targets[:, None] + rng.normal(0, 0.05, (n, k, c, size, size)), 0, 1).astype(np.float32)
+        self.inputs = np.clip(
+            self.targets[:, None] + rng.normal(0, 0.05, (n, k, c, size, size)), 0, 1
+        ).astype(np.float32)
         self.epochs_seen = []
 
     def set_epoch(self, epoch):
@@ -49,7 +56,9 @@ def run_all(trainer):
 def test_loss_decreases_and_reports_are_complete(tmp_path):
     ds = Blobs()
     cfg = preset("tiny", latent_dim=4)
-    trainer = Trainer(cfg, ds, TrainOptions(epochs=6, batch_size=8, learn_rate=2e-3, seed=1, save_dir=tmp_path))
+    trainer = Trainer(
+        cfg, ds, TrainOptions(epochs=6, batch_size=8, learn_rate=2e-3, seed=1, save_dir=tmp_path)
+    )
     reports = run_all(trainer)
     epochs = [r for r in reports if r.kind == "epoch"]
     steps = [r for r in reports if r.kind == "step"]
@@ -139,7 +148,9 @@ def test_resume_continues_where_it_stopped(tmp_path):
 
 
 def test_stop_between_steps_keeps_model_and_checkpoint(tmp_path):
-    trainer = Trainer(preset("tiny"), Blobs(), TrainOptions(epochs=5, batch_size=4, seed=0, save_dir=tmp_path))
+    trainer = Trainer(
+        preset("tiny"), Blobs(), TrainOptions(epochs=5, batch_size=4, seed=0, save_dir=tmp_path)
+    )
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     steps = 0
     reports = []
@@ -157,7 +168,9 @@ def test_stop_between_steps_keeps_model_and_checkpoint(tmp_path):
 
 
 def test_closing_the_generator_saves_a_checkpoint(tmp_path):
-    trainer = Trainer(preset("tiny"), Blobs(), TrainOptions(epochs=5, batch_size=4, seed=0, save_dir=tmp_path))
+    trainer = Trainer(
+        preset("tiny"), Blobs(), TrainOptions(epochs=5, batch_size=4, seed=0, save_dir=tmp_path)
+    )
     gen = trainer.run()
     for _ in range(2):
         next(gen)
@@ -169,7 +182,9 @@ def test_closing_the_generator_saves_a_checkpoint(tmp_path):
 
 def test_nan_loss_stops_with_clear_message_and_keeps_last_good_weights(tmp_path):
     ds = Blobs()
-    trainer = Trainer(preset("tiny"), ds, TrainOptions(epochs=3, batch_size=8, seed=0, save_dir=tmp_path))
+    trainer = Trainer(
+        preset("tiny"), ds, TrainOptions(epochs=3, batch_size=8, seed=0, save_dir=tmp_path)
+    )
     gen = trainer.run()
     for r in gen:
         if r.kind == "epoch":
@@ -184,7 +199,11 @@ def test_nan_loss_stops_with_clear_message_and_keeps_last_good_weights(tmp_path)
 
 
 def test_early_stopping_with_patience():
-    trainer = Trainer(preset("tiny"), Blobs(), TrainOptions(epochs=50, batch_size=8, learn_rate=1e-12, patience=2, seed=0, min_delta=1e6))
+    trainer = Trainer(
+        preset("tiny"),
+        Blobs(),
+        TrainOptions(epochs=50, batch_size=8, learn_rate=1e-12, patience=2, seed=0, min_delta=1e6),
+    )
     reports = run_all(trainer)
     assert reports[-1].reason == "early_stop"
     assert len([r for r in reports if r.kind == "epoch"]) == 3  # 1 best + 2 without improvement

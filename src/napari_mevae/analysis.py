@@ -48,7 +48,9 @@ def _check_crops(model: MEVAE, crops: np.ndarray) -> np.ndarray:
 
     crops = np.asarray(crops)
     if crops.ndim not in (4, 5):
-        raise ValueError(f"expected crops of shape (N, C, S, S) or (N, K, C, S, S), got {crops.shape}")
+        raise ValueError(
+            f"expected crops of shape (N, C, S, S) or (N, K, C, S, S), got {crops.shape}"
+        )
     cfg = model.config
     k = crops.shape[1] if crops.ndim == 5 else cfg.n_encoders
     check_compatible(cfg, crops.shape[-1], crops.shape[-3], k)
@@ -78,7 +80,9 @@ def iter_encode(
     n = crops.shape[0]
     out = np.empty((n, model.config.latent_dim), dtype=np.float32)
     for start in range(0, n, batch_size):
-        chunk = _as_model_inputs(np.asarray(crops[start : start + batch_size]), model.config.n_encoders)
+        chunk = _as_model_inputs(
+            np.asarray(crops[start : start + batch_size]), model.config.n_encoders
+        )
         x = torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32)).to(dev)
         with torch.no_grad():
             out[start : start + len(chunk)] = model.encode(x, sample=sample).cpu().numpy()
@@ -116,7 +120,9 @@ def reconstruct(model: MEVAE, crops: np.ndarray, batch_size: int = 256) -> np.nd
     model.eval()
     parts = []
     for start in range(0, crops.shape[0], batch_size):
-        chunk = _as_model_inputs(np.asarray(crops[start : start + batch_size]), model.config.n_encoders)
+        chunk = _as_model_inputs(
+            np.asarray(crops[start : start + batch_size]), model.config.n_encoders
+        )
         x = torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32)).to(dev)
         with torch.no_grad():
             parts.append(model.decode(model.encode(x)).cpu().numpy())
@@ -297,7 +303,9 @@ def export_features_csv(
 
 
 # -- invariance metrics ------------------------------------------------------------------------
-def angle_leakage(latents: np.ndarray, angles_deg: np.ndarray, folds: int = 5, seed: int = 0) -> float:
+def angle_leakage(
+    latents: np.ndarray, angles_deg: np.ndarray, folds: int = 5, seed: int = 0
+) -> float:
     """Cross-validated R^2 of predicting (cos, sin) of the angle from the latents, clipped to
     0..1: 0 means no rotation information left in the features."""
     from sklearn.linear_model import RidgeCV
@@ -316,7 +324,9 @@ def angle_leakage(latents: np.ndarray, angles_deg: np.ndarray, folds: int = 5, s
     return float(np.clip(r2.mean(), 0.0, 1.0))
 
 
-def discrete_leakage(latents: np.ndarray, classes: np.ndarray, folds: int = 5, seed: int = 0) -> float:
+def discrete_leakage(
+    latents: np.ndarray, classes: np.ndarray, folds: int = 5, seed: int = 0
+) -> float:
     """Cross-validated balanced accuracy above chance of predicting a discrete nuisance (e.g. the
     flip), rescaled so 0 = chance and 1 = perfect."""
     from sklearn.linear_model import LogisticRegression

@@ -1,11 +1,11 @@
 """The ``mevae`` command: the reference's flags and folder layout, its outputs, its defects fixed.
 
-    mevae train   --data_dir InputImages1/ --input2_dir InputImages2/ --out1_dir OutputImages/ ...
-    mevae train   --targets OutputImages/ --nuisances rotation,polarity ...   (fresh pairs each epoch)
-    mevae encode  --checkpoint Outputs/ --data_dir NewCells/ --out encodings.csv
-    mevae pairs   --image IMG.tif --labels LABELS.tif --out DIR
-    mevae evaluate --checkpoint Outputs/ --targets OutputImages/ --out report.json
-    mevae demo    [--out mevae-demo]
+mevae train   --data_dir InputImages1/ --input2_dir InputImages2/ --out1_dir OutputImages/ ...
+mevae train   --targets OutputImages/ --nuisances rotation,polarity ...   (fresh pairs each epoch)
+mevae encode  --checkpoint Outputs/ --data_dir NewCells/ --out encodings.csv
+mevae pairs   --image IMG.tif --labels LABELS.tif --out DIR
+mevae evaluate --checkpoint Outputs/ --targets OutputImages/ --out report.json
+mevae demo    [--out mevae-demo]
 """
 
 from __future__ import annotations
@@ -43,14 +43,20 @@ def _bool01(text: str) -> bool:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (reference flags and defaults)")
-    g.add_argument("--image_size", type=int, default=128, help="crop side S in pixels (default 128)")
+    g.add_argument(
+        "--image_size", type=int, default=128, help="crop side S in pixels (default 128)"
+    )
     g.add_argument("--nchannel", type=int, default=1, help="image channels (default 1)")
     g.add_argument("--latent_dim", type=int, default=128, help="latent dimensions (default 128)")
     g.add_argument("--nlayers", type=int, default=3, help="conv layers per encoder (default 3)")
     g.add_argument("--inter_dim", type=int, default=128, help="dense layer width (default 128)")
-    g.add_argument("--nfilters", type=int, default=16, help="filters of the first conv (default 16)")
+    g.add_argument(
+        "--nfilters", type=int, default=16, help="filters of the first conv (default 16)"
+    )
     g.add_argument("--kernel_size", type=int, default=3, help="conv kernel size (default 3)")
-    g.add_argument("--epsilon_std", type=float, default=1.0, help="sampling noise std (default 1.0)")
+    g.add_argument(
+        "--epsilon_std", type=float, default=1.0, help="sampling noise std (default 1.0)"
+    )
     g.add_argument(
         "--model",
         choices=MODEL_CHOICES,
@@ -58,7 +64,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="mevae (K encoders), vae (standard VAE baseline) or betavae (beta-VAE baseline)",
     )
     g.add_argument("--beta", type=float, default=None, help="KL weight (default 1; betavae 4)")
-    g.add_argument("--recon_loss", choices=("bce", "mse"), default="bce", help="reconstruction loss")
+    g.add_argument(
+        "--recon_loss", choices=("bce", "mse"), default="bce", help="reconstruction loss"
+    )
 
 
 def _add_data_args(p: argparse.ArgumentParser, train: bool) -> None:
@@ -92,16 +100,30 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch_size", type=int, default=50, help="GLOBAL batch size (default 50)")
     g.add_argument("--epochs", type=int, default=10, help="epochs (default 10)")
     g.add_argument("--learn_rate", type=float, default=0.0005, help="RMSprop learning rate")
-    g.add_argument("--earlystop", type=_bool01, default=True, help="1 = early stopping on loss (default 1)")
-    g.add_argument("--patience", type=int, default=8, help="early-stopping patience in epochs (default 8)")
-    g.add_argument("--verbose", type=int, default=1, help="0 = quiet, 1 = progress bars (default 1)")
-    g.add_argument("--latent_samp", type=int, default=10, help="steps of the latent walk (default 10)")
-    g.add_argument("--num_save", type=int, default=8, help="images per row of the saved grids (default 8)")
+    g.add_argument(
+        "--earlystop", type=_bool01, default=True, help="1 = early stopping on loss (default 1)"
+    )
+    g.add_argument(
+        "--patience", type=int, default=8, help="early-stopping patience in epochs (default 8)"
+    )
+    g.add_argument(
+        "--verbose", type=int, default=1, help="0 = quiet, 1 = progress bars (default 1)"
+    )
+    g.add_argument(
+        "--latent_samp", type=int, default=10, help="steps of the latent walk (default 10)"
+    )
+    g.add_argument(
+        "--num_save", type=int, default=8, help="images per row of the saved grids (default 8)"
+    )
     g.add_argument("--image_res", type=int, default=8, help="accepted for compatibility; unused")
     g.add_argument("--seed", type=int, default=None, help="random seed for reproducible runs")
-    g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    g.add_argument(
+        "--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"
+    )
     g.add_argument("--num_workers", type=int, default=0, help="data-loader worker processes")
-    g.add_argument("--distributed", action="store_true", help="DistributedDataParallel (under torchrun)")
+    g.add_argument(
+        "--distributed", action="store_true", help="DistributedDataParallel (under torchrun)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,8 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train (or, with --phase load, encode with) an ME-VAE")
     _add_data_args(p, train=True)
     p.add_argument("--save_dir", default="Outputs/", help="where outputs go (default Outputs/)")
-    p.add_argument("--phase", choices=("train", "load"), default="train", help="train, or load = encode only")
-    p.add_argument("--checkpoint", help="checkpoint file or training save_dir; resumes with --phase train")
+    p.add_argument(
+        "--phase", choices=("train", "load"), default="train", help="train, or load = encode only"
+    )
+    p.add_argument(
+        "--checkpoint", help="checkpoint file or training save_dir; resumes with --phase train"
+    )
     _add_model_args(p)
     _add_run_args(p)
 
@@ -129,17 +155,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", type=int, default=1)
 
     p = sub.add_parser("pairs", help="crop segmented cells into the reference folder layout")
-    p.add_argument("--image", required=True, help="intensity image (TIFF): (Y,X), (C,Y,X) or (Y,X,C)")
+    p.add_argument(
+        "--image", required=True, help="intensity image (TIFF): (Y,X), (C,Y,X) or (Y,X,C)"
+    )
     p.add_argument("--labels", required=True, help="label image (TIFF) of segmented cells, (Y,X)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--size", type=int, default=64, help="crop size in pixels (default 64)")
     p.add_argument("--channel-axis", type=int, default=None, help="axis of channels in --image")
     p.add_argument("--nuisances", default="rotation,polarity", help="one encoder input folder each")
-    p.add_argument("--scale", choices=("fixed", "fit"), default="fixed", help="pixel scale or fit the cell")
+    p.add_argument(
+        "--scale", choices=("fixed", "fit"), default="fixed", help="pixel scale or fit the cell"
+    )
     p.add_argument("--normalize", choices=("percentile", "max", "none"), default="percentile")
     p.add_argument("--min-area", type=int, default=0)
     p.add_argument("--max-area", type=int, default=None)
-    p.add_argument("--border", choices=("drop", "pad"), default="drop", help="cells touching the border")
+    p.add_argument(
+        "--border", choices=("drop", "pad"), default="drop", help="cells touching the border"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbose", type=int, default=1)
 
@@ -166,13 +198,17 @@ def build_parser() -> argparse.ArgumentParser:
 def _progress(total: int, desc: str, verbose: int, unit: str = "it"):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, disable=verbose <= 0, leave=False, file=sys.stderr)
+    return tqdm(
+        total=total, desc=desc, unit=unit, disable=verbose <= 0, leave=False, file=sys.stderr
+    )
 
 
 def _input_dirs(args: argparse.Namespace) -> list[str]:
     dirs = [d for d in (args.data_dir, args.input2_dir, args.input3_dir) if d]
     if (args.input3_dir and not args.input2_dir) or (args.input2_dir and not args.data_dir):
-        raise CLIError("encoder inputs must be given in order: --data_dir, then --input2_dir, then --input3_dir")
+        raise CLIError(
+            "encoder inputs must be given in order: --data_dir, then --input2_dir, then --input3_dir"
+        )
     return dirs + list(args.input_dir or [])
 
 
@@ -199,9 +235,17 @@ def _model_config(args: argparse.Namespace, n_encoders: int, nuisances: list[str
 class TrainData:
     """What a training run reads: a dataset for the trainer, arrays for encoding and grids."""
 
-    def __init__(self, dataset: Any, filenames: list[str], names: list[str], encode_inputs: Any,
-                 grid_inputs: list[np.ndarray], targets: np.ndarray, n_encoders: int,
-                 nuisances: list[str]) -> None:
+    def __init__(
+        self,
+        dataset: Any,
+        filenames: list[str],
+        names: list[str],
+        encode_inputs: Any,
+        grid_inputs: list[np.ndarray],
+        targets: np.ndarray,
+        n_encoders: int,
+        nuisances: list[str],
+    ) -> None:
         self.dataset = dataset
         self.filenames = filenames
         self.names = names
@@ -238,7 +282,9 @@ def load_train_data(args: argparse.Namespace, n_encoders_hint: int | None = None
 
     dirs = _input_dirs(args)
     if not dirs:
-        raise CLIError("no training data: give --data_dir (+ --input2_dir, --out1_dir) or --targets")
+        raise CLIError(
+            "no training data: give --data_dir (+ --input2_dir, --out1_dir) or --targets"
+        )
     if baseline:
         # The paper's baselines: a plain (beta-)VAE autoencodes the raw cells of --data_dir.
         ds = FolderPairs([dirs[0]], dirs[0], size, channels)
@@ -249,7 +295,9 @@ def load_train_data(args: argparse.Namespace, n_encoders_hint: int | None = None
         ds = FolderPairs(dirs, args.out1_dir, size, channels)
         k = len(dirs)
     if n_encoders_hint is not None and n_encoders_hint != k:
-        raise CLIError(f"the checkpoint's model has K={n_encoders_hint} encoders but {k} input folder(s) were given")
+        raise CLIError(
+            f"the checkpoint's model has K={n_encoders_hint} encoders but {k} input folder(s) were given"
+        )
     grid = [ds.inputs_array(j)[:64] for j in range(k)]
     return TrainData(ds, ds.filenames, ds.names, ds.pairs_array(), grid, ds.targets_array(), k, [])
 
@@ -298,13 +346,26 @@ def write_run_outputs(save_dir: Path, model, data: TrainData, args: argparse.Nam
     ncols = max(1, args.num_save)
     n = ncols * ncols
     for k, imgs in enumerate(data.grid_inputs):
-        save_grid(save_dir / ("input_images.png" if k == 0 else f"input{k + 1}_images.png"), imgs, n, ncols)
+        save_grid(
+            save_dir / ("input_images.png" if k == 0 else f"input{k + 1}_images.png"),
+            imgs,
+            n,
+            ncols,
+        )
     save_grid(save_dir / "Truth_images.png", data.targets[:n], n, ncols)
     first = data.encode_inputs[:n]
     save_grid(save_dir / "recon_images_final1.tif", reconstruct(model, first), n, ncols)
-    save_latent_walk(save_dir / "latent_walk_final.png", latent_walk(model, max(2, args.latent_samp)))
-    models = save_dir / "models"
+    save_latent_walk(
+        save_dir / "latent_walk_final.png", latent_walk(model, max(2, args.latent_samp))
+    )
     import torch
+
+    from .training import CHECKPOINT_NAME, save_checkpoint
+
+    models = save_dir / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    if not (models / CHECKPOINT_NAME).exists():  # --phase load: keep the run self-contained
+        save_checkpoint(models, model)
 
     for k, enc in enumerate(model.encoders):
         torch.save(enc.state_dict(), models / f"encoder{k + 1}.pt")
@@ -341,7 +402,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         model = ckpt.build_model(_device(args))
         log.info("loaded %s; encoding %d images without training", ckpt.path, len(data.filenames))
         write_run_outputs(save_dir, model, data, args)
-        _say(args, f"encoded {len(data.filenames)} images with {ckpt.path} -> {save_dir / 'encodings.csv'}")
+        _say(
+            args,
+            f"encoded {len(data.filenames)} images with {ckpt.path} -> {save_dir / 'encodings.csv'}",
+        )
         return 0
 
     rank, world = _dist_rank_world(args)
@@ -363,8 +427,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer = Trainer(config, data.dataset, opts, resume=ckpt)
     if rank == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
-        _say(args, f"training {_describe(config)} on {len(data.dataset)} pairs, device {trainer.device}"
-             + (f", {world} processes" if world > 1 else ""))
+        _say(
+            args,
+            f"training {_describe(config)} on {len(data.dataset)} pairs, device {trainer.device}"
+            + (f", {world} processes" if world > 1 else ""),
+        )
     log_path = save_dir / "training.log"
     gen = trainer.run()
     bar = None
@@ -383,7 +450,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                 break
             if rep.kind == "step" and rank == 0:
                 if bar is None:
-                    bar = _progress(rep.steps_per_epoch, f"epoch {rep.epoch + 1}/{rep.epochs}", args.verbose, "batch")
+                    bar = _progress(
+                        rep.steps_per_epoch,
+                        f"epoch {rep.epoch + 1}/{rep.epochs}",
+                        args.verbose,
+                        "batch",
+                    )
                 bar.update(1)
                 bar.set_postfix(loss=f"{rep.loss:.2f}", img_s=f"{rep.images_per_s:.0f}")
             elif rep.kind == "epoch" and rank == 0:
@@ -392,8 +464,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                     bar = None
                 logfh.write(f"{rep.epoch - 1}\t{rep.loss:.6f}\n")
                 logfh.flush()
-                _say(args, f"epoch {rep.epoch}/{rep.epochs}  loss {rep.loss:.3f}  (recon {rep.recon:.3f}, "
-                     f"KL {rep.kl:.3f})  {rep.images_per_s:.0f} images/s")
+                _say(
+                    args,
+                    f"epoch {rep.epoch}/{rep.epochs}  loss {rep.loss:.3f}  (recon {rep.recon:.3f}, "
+                    f"KL {rep.kl:.3f})  {rep.images_per_s:.0f} images/s",
+                )
             elif rep.kind == "end" and rank == 0:
                 _say(args, rep.message)
     except TrainingDiverged as err:
@@ -428,7 +503,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
     else:
         dirs = _input_dirs(args)
         if not dirs:
-            raise CLIError("give --data_dir (and --input2_dir ... for one folder per encoder) or --targets")
+            raise CLIError(
+                "give --data_dir (and --input2_dir ... for one folder per encoder) or --targets"
+            )
         ds = FolderPairs(dirs, dirs[0], cfg.image_size, cfg.channels)
         if len(dirs) == 1:
             inputs = ds.inputs_array(0)  # every encoder sees the same cell
@@ -475,17 +552,25 @@ def cmd_pairs(args: argparse.Namespace) -> int:
         bar.close()
     out = Path(args.out)
     if len(cells.crops) == 0:
-        raise CLIError("no cell could be cropped; see the skip reasons: " + _skip_summary(cells.table))
+        raise CLIError(
+            "no cell could be cropped; see the skip reasons: " + _skip_summary(cells.table)
+        )
     files = export_pairs(cells.crops, out, names, seed=args.seed)
     table = cells.table.copy()
     table.insert(0, "filename", "")
     kept = table["crop_index"] >= 0
     table.loc[kept, "filename"] = [Path(files[i]).name for i in table.loc[kept, "crop_index"]]
     table.to_csv(out / "cells.csv", index=False)
-    _say(args, f"{int(kept.sum())} cells cropped ({int((~kept).sum())} skipped) -> {out}; "
-         f"train with: mevae train --data_dir {out / 'InputImages1'} "
-         + " ".join(f"--{'input' + str(k + 1) + '_dir'} {out / f'InputImages{k + 1}'}" for k in range(1, len(names)))
-         + f" --out1_dir {out / 'OutputImages'} --image_size {args.size}")
+    _say(
+        args,
+        f"{int(kept.sum())} cells cropped ({int((~kept).sum())} skipped) -> {out}; "
+        f"train with: mevae train --data_dir {out / 'InputImages1'} "
+        + " ".join(
+            f"--{'input' + str(k + 1) + '_dir'} {out / f'InputImages{k + 1}'}"
+            for k in range(1, len(names))
+        )
+        + f" --out1_dir {out / 'OutputImages'} --image_size {args.size}",
+    )
     return 0
 
 
@@ -511,7 +596,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         import pandas as pd
 
         table = pd.read_csv(args.classes)
-        lookup = dict(zip(table["filename"].map(lambda s: Path(str(s)).stem), table["class"], strict=True))
+        lookup = dict(
+            zip(table["filename"].map(lambda s: Path(str(s)).stem), table["class"], strict=True)
+        )
         missing = [n for n in tg.names[sel] if n not in lookup]
         if missing:
             raise CLIError(f"--classes lacks {len(missing)} cell(s), e.g. {missing[:5]}")
@@ -527,16 +614,30 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.out), epochs=args.epochs, n_cells=args.cells, size=args.size, seed=args.seed,
-             verbose=args.verbose)
+    run_demo(
+        Path(args.out),
+        epochs=args.epochs,
+        n_cells=args.cells,
+        size=args.size,
+        seed=args.seed,
+        verbose=args.verbose,
+    )
     return 0
 
 
 # -- plumbing ----------------------------------------------------------------------------------
 def _describe(cfg) -> str:
-    kind = "VAE" if cfg.n_encoders == 1 and cfg.beta <= 1 else "beta-VAE" if cfg.n_encoders == 1 else "ME-VAE"
-    return (f"{kind} (K={cfg.n_encoders}, {cfg.channels} channel(s), {cfg.image_size} px, "
-            f"latent {cfg.latent_dim}, beta {cfg.beta:g})")
+    kind = (
+        "VAE"
+        if cfg.n_encoders == 1 and cfg.beta <= 1
+        else "beta-VAE"
+        if cfg.n_encoders == 1
+        else "ME-VAE"
+    )
+    return (
+        f"{kind} (K={cfg.n_encoders}, {cfg.channels} channel(s), {cfg.image_size} px, "
+        f"latent {cfg.latent_dim}, beta {cfg.beta:g})"
+    )
 
 
 def _device(args: argparse.Namespace):

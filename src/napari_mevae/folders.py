@@ -57,7 +57,9 @@ def match_by_name(folders: Sequence[str | os.PathLike]) -> tuple[list[str], list
     for folder, m in zip(folders, maps, strict=True):
         missing = sorted(set().union(*maps) - set(m), key=natural_key)
         if missing:
-            shown = ", ".join(missing[:10]) + (f" ... ({len(missing)} in all)" if len(missing) > 10 else "")
+            shown = ", ".join(missing[:10]) + (
+                f" ... ({len(missing)} in all)" if len(missing) > 10 else ""
+            )
             problems.append(f"{folder} lacks {shown}")
     if problems:
         raise ValueError("images do not pair up by file name: " + "; ".join(problems))
@@ -65,7 +67,9 @@ def match_by_name(folders: Sequence[str | os.PathLike]) -> tuple[list[str], list
     return names, [[m[n] for n in names] for m in maps]
 
 
-def read_image(path: str | os.PathLike, image_size: int | None = None, channels: int | None = None) -> np.ndarray:
+def read_image(
+    path: str | os.PathLike, image_size: int | None = None, channels: int | None = None
+) -> np.ndarray:
     """One image as float32 ``(C, S, S)`` scaled to [0, 1] by its own maximum (as the reference;
     an all-zero image stays zero instead of becoming NaN).  Resized when ``image_size`` differs.
     Channel-last files ``(Y, X, C)`` with C <= 32 are moved to channel-first."""
@@ -93,11 +97,19 @@ def read_image(path: str | os.PathLike, image_size: int | None = None, channels:
         if arr.shape[0] in (3, 4) and channels == 1:  # RGB(A) file for a 1-channel model
             arr = arr[:3].mean(0, keepdims=True)
         else:
-            raise ValueError(f"{path}: has {arr.shape[0]} channel(s), expected {channels} (--nchannel)")
+            raise ValueError(
+                f"{path}: has {arr.shape[0]} channel(s), expected {channels} (--nchannel)"
+            )
     if image_size is not None and arr.shape[1:] != (image_size, image_size):
         from skimage.transform import resize
 
-        arr = resize(arr, (arr.shape[0], image_size, image_size), order=1, anti_aliasing=True, preserve_range=True)
+        arr = resize(
+            arr,
+            (arr.shape[0], image_size, image_size),
+            order=1,
+            anti_aliasing=True,
+            preserve_range=True,
+        )
         arr = arr.astype(np.float32)
     peak = float(arr.max()) if arr.size else 0.0
     if peak > 0:
@@ -165,7 +177,9 @@ class FolderPairs:
             inputs = np.stack([a[i] for a in self._inputs])
             target = self._targets[i]
         else:
-            inputs = np.stack([read_image(p[i], self.image_size, self.channels) for p in self.input_paths])
+            inputs = np.stack(
+                [read_image(p[i], self.image_size, self.channels) for p in self.input_paths]
+            )
             target = read_image(self.target_paths[i], self.image_size, self.channels)
         return torch.from_numpy(inputs), torch.from_numpy(np.ascontiguousarray(target))
 
@@ -190,7 +204,8 @@ class FolderPairs:
         if self._inputs is not None:
             return np.stack([a[start:stop] for a in self._inputs], axis=1)
         return np.stack(
-            [_load_all(p[start:stop], self.image_size, self.channels) for p in self.input_paths], axis=1
+            [_load_all(p[start:stop], self.image_size, self.channels) for p in self.input_paths],
+            axis=1,
         )
 
 

@@ -88,7 +88,9 @@ class EpochSampler(Sampler[int]):
     run sees the same global batches as a one-process run with the same seed.
     """
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1) -> None:
+    def __init__(
+        self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1
+    ) -> None:
         self.n, self.seed, self.shuffle, self.rank, self.world = n, seed, shuffle, rank, world
         self.epoch = 0
 
@@ -254,7 +256,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return p
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
+def load_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> Checkpoint:
     """Read a checkpoint safely: ``weights_only=True`` so a file can never run code."""
     p = resolve_checkpoint(path)
     try:
@@ -389,7 +393,9 @@ class Trainer:
                     "distributed training needs torchrun (RANK/WORLD_SIZE not set): "
                     "torchrun --nproc_per_node=N -m napari_mevae train ..."
                 )
-            backend = "nccl" if torch.cuda.is_available() and self.options.device != "cpu" else "gloo"
+            backend = (
+                "nccl" if torch.cuda.is_available() and self.options.device != "cpu" else "gloo"
+            )
             dist.init_process_group(backend=backend)
             self._own_group = True
         self.rank, self.world = dist.get_rank(), dist.get_world_size()

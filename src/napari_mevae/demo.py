@@ -1,0 +1,134 @@
+"""``mevae demo``: the whole job on built-in synthetic cells, ending with files a person opens.
+
+segmented image -> canonical crops -> ME-VAE trained with fresh nuisances every epoch ->
+features CSV, reconstruction grid, UMAP coloured by cluster and by true class, invariance report.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def _say(verbose: int, text: str) -> None:
+    if verbose > 0:
+        print(text, file=sys.stderr, flush=True)
+
+
+def run_demo(
+    out: Path,
+    epochs: int = 15,
+    n_cells: int = 300,
+    size: int = 32,
+    seed: int = 0,
+    verbose: int = 1,
+    latent_dim: int = 16,
+) -> dict[str, float]:
+    """Run the demo into ``out``; returns the invariance/cluster report."""
+    import pandas as pd
+    import tifffile
+    from tqdm.auto import tqdm
+
+    from .analysis import (
+        cluster,
+        encode,
+        export_features_csv,
+        features_table,
+        invariance_report,
+        reconstruct,
+        run_umap,
+    )
+    from .cells import extract_cells
+    from .figures import montage, save_png, save_umap_plot
+    from .model import MEVAEConfig
+    from .synthetic import make_synthetic_cells
+    from .training import Trainer, TrainOptions
+    from .transforms import NuisancePairs
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    per_field = 50
+    fields = max(1, -(-n_cells // per_field))
+    crops, tables, truth = [], [], []
+    _say(verbose, f"1/4 making {fields} synthetic field(s) of {per_field} cells and cropping them")
+    for f in range(fields):
+        syn = make_synthetic_cells(n_cells=per_field, shape=(384, 384), channels=2, seed=seed + f)
+        if f == 0:
+            tifffile.imwrite(out / "cells_image.tif", syn.image)
+            tifffile.imwrite(out / "cells_labels.tif", syn.labels)
+        cells = extract_cells(syn.image, syn.labels, size=size, channel_axis=0, scale="fit")
+        kept = cells.kept.copy()
+        kept["plane"] = f  # one "plane" per synthetic field
+        crops.append(cells.crops)
+        tables.append(kept)
+        truth += [syn.classes[int(lbl)] for lbl in kept["label"]]
+    crops_arr = np.concatenate(crops)[:n_cells]
+    table = pd.concat(tables, ignore_index=True).iloc[: len(crops_arr)]
+    truth_arr = np.asarray(truth[: len(crops_arr)])
+    class_names = syn.class_names
+
+    nuisances = ["rotation", "polarity"]
+    cfg = MEVAEConfig(
+        image_size=size,
+        channels=crops_arr.shape[1],
+        latent_dim=latent_dim,
+        inter_dim=64,
+        nlayers=3,
+        nfilters=16,
+        n_encoders=len(nuisances),
+        nuisances=nuisances,
+    )
+    n_train = int(len(crops_arr) * 0.8)
+    dataset = NuisancePairs(crops_arr[:n_train], nuisances, seed=seed)
+    opts = TrainOptions(
+        epochs=epochs, batch_size=32, learn_rate=1e-3, seed=seed, save_dir=out, patience=50
+    )
+    trainer = Trainer(cfg, dataset, opts)
+    _say(
+        verbose,
+        f"2/4 training an ME-VAE (K={cfg.n_encoders}) on {n_train} cells for {epochs} epochs",
+    )
+    bar = tqdm(total=epochs, unit="epoch", disable=verbose <= 0, file=sys.stderr)
+    with open(out / "training.log", "w") as log:
+        log.write("epoch\tloss\n")
+        for rep in trainer.run():
+            if rep.kind == "epoch":
+                log.write(f"{rep.epoch - 1}\t{rep.loss:.6f}\n")
+                bar.update(1)
+                bar.set_postfix(loss=f"{rep.loss:.1f}")
+    bar.close()
+    model = trainer.model_unwrapped
+
+    _say(verbose, "3/4 encoding every cell, UMAP and k-means clustering")
+    latents = encode(model, crops_arr)
+    embedding = run_umap(latents, seed=seed)
+    k = len(class_names)
+    clusters = cluster(latents, "kmeans", n_clusters=k, seed=seed)
+    feats = features_table(table, latents, embedding, clusters)
+    feats.insert(feats.columns.get_loc("cluster") + 1, "true_class", truth_arr)
+    export_features_csv(feats, out / "features.csv", sources={"image": "synthetic cells"})
+
+    recon = reconstruct(model, crops_arr[:32])
+    from .figures import to_display
+
+    pairs = np.empty((64, *to_display(crops_arr[:1]).shape[1:]), np.float32)
+    pairs[0::2] = to_display(crops_arr[:32])
+    pairs[1::2] = to_display(recon)
+    save_png(out / "reconstructions.png", montage(pairs, ncols=8))
+    save_umap_plot(out / "umap_clusters.png", embedding, clusters, truth=truth_arr)
+
+    _say(verbose, "4/4 measuring what is left of rotation and polarity on held-out cells")
+    report = invariance_report(model, crops_arr[n_train:], classes=truth_arr[n_train:], seed=seed)
+    report["epochs"] = float(epochs)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    _say(
+        verbose,
+        f"done: {out}/features.csv, reconstructions.png (odd columns input, even columns "
+        f"reconstruction), umap_clusters.png, report.json: rotation leakage "
+        f"{report['rotation_leakage']:.2f}, polarity leakage {report['polarity_leakage']:.2f}, "
+        f"NMI vs true classes {report['nmi']:.2f}",
+    )
+    return report

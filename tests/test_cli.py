@@ -1,0 +1,284 @@
+"""The `mevae` command end to end on 64 real LINCS pairs, at 32 px."""
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from PIL import Image
+
+from napari_mevae.cli import main
+from napari_mevae.training import load_checkpoint
+
+SMALL = [
+    "--image_size",
+    "32",
+    "--latent_dim",
+    "8",
+    "--inter_dim",
+    "32",
+    "--batch_size",
+    "16",
+    "--verbose",
+    "0",
+    "--seed",
+    "0",
+]
+REFERENCE_OUTPUTS = [
+    "training.log",
+    "filenames.csv",
+    "encodings.csv",
+    "models/checkpoint.pt",
+    "models/checkpoint.json",
+    "models/encoder1.pt",
+    "models/encoder2.pt",
+    "models/decoder.pt",
+    "input_images.png",
+    "input2_images.png",
+    "Truth_images.png",
+    "recon_images_final1.tif",
+    "latent_walk_final.png",
+]
+
+
+def pair_args(root):
+    return [
+        "--data_dir",
+        str(root / "InputImages1"),
+        "--input2_dir",
+        str(root / "InputImages2"),
+        "--out1_dir",
+        str(root / "OutputImages"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained(lincs64, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "Outputs"
+    assert (
+        main(["train", *pair_args(lincs64), "--save_dir", str(out), "--epochs", "2", *SMALL]) == 0
+    )
+    return out
+
+
+def test_train_writes_every_reference_output(trained, lincs64):
+    for name in REFERENCE_OUTPUTS:
+        assert (trained / name).is_file(), name
+    log = (trained / "training.log").read_text().splitlines()
+    assert log[0] == "epoch\tloss" and len(log) == 3
+    assert [line.split("\t")[0] for line in log[1:]] == ["0", "1"]
+    assert all(np.isfinite(float(line.split("\t")[1])) for line in log[1:])
+    files = (trained / "filenames.csv").read_text().splitlines()
+    assert (
+        len(files) == 64 and files[0].endswith("Image_0.tif") and files[2].endswith("Image_2.tif")
+    )
+    enc = pd.read_csv(trained / "encodings.csv")
+    assert list(enc.columns) == ["filename", *[f"z{i}" for i in range(8)]]
+    assert enc["filename"].tolist() == files
+    assert np.isfinite(enc.iloc[:, 1:].to_numpy()).all()
+    # 8x8 grids of 32 px images with 1 px borders; latent walk: one row per dimension, 10 steps
+    assert Image.open(trained / "input_images.png").size == (8 * 33 + 1, 8 * 33 + 1)
+    assert tifffile.imread(trained / "recon_images_final1.tif").shape == (8 * 33 + 1, 8 * 33 + 1)
+    assert Image.open(trained / "latent_walk_final.png").size == (10 * 33 + 1, 8 * 33 + 1)
+    ck = load_checkpoint(trained)
+    assert ck.config.n_encoders == 2 and ck.config.image_size == 32 and ck.epoch == 2
+
+
+def test_phase_load_encodes_without_retraining(trained, lincs64, tmp_path):
+    out = tmp_path / "again"
+    before = (trained / "models" / "checkpoint.pt").read_bytes()
+    assert (
+        main(
+            [
+                "train",
+                *pair_args(lincs64),
+                "--save_dir",
+                str(out),
+                "--phase",
+                "load",
+                "--checkpoint",
+                str(trained),
+                "--verbose",
+                "0",
+            ]
+        )
+        == 0
+    )
+    assert (trained / "models" / "checkpoint.pt").read_bytes() == before
+    assert not (out / "training.log").exists()
+    a = pd.read_csv(trained / "encodings.csv")
+    b = pd.read_csv(out / "encodings.csv")
+    np.testing.assert_allclose(a.iloc[:, 1:].to_numpy(), b.iloc[:, 1:].to_numpy(), atol=1e-6)
+
+
+def test_encode_command_on_pairs_and_single_folder(trained, lincs64, tmp_path):
+    out = tmp_path / "enc.csv"
+    args = [
+        "encode",
+        "--checkpoint",
+        str(trained / "models" / "checkpoint.pt"),
+        "--data_dir",
+        str(lincs64 / "InputImages1"),
+        "--input2_dir",
+        str(lincs64 / "InputImages2"),
+        "--out",
+        str(out),
+        "--verbose",
+        "0",
+    ]
+    assert main(args) == 0
+    a = pd.read_csv(trained / "encodings.csv")
+    b = pd.read_csv(out)
+    np.testing.assert_allclose(a.iloc[:, 1:].to_numpy(), b.iloc[:, 1:].to_numpy(), atol=1e-6)
+    single = tmp_path / "single.csv"
+    assert (
+        main(
+            [
+                "encode",
+                "--checkpoint",
+                str(trained),
+                "--data_dir",
+                str(lincs64 / "OutputImages"),
+                "--out",
+                str(single),
+                "--verbose",
+                "0",
+            ]
+        )
+        == 0
+    )
+    assert pd.read_csv(single).shape == (64, 9)
+
+
+def test_baselines_and_three_encoders(lincs64, tmp_path):
+    for model, k, beta in (("vae", 1, 1.0), ("betavae", 1, 4.0)):
+        out = tmp_path / model
+        assert (
+            main(
+                [
+                    "train",
+                    *pair_args(lincs64),
+                    "--model",
+                    model,
+                    "--save_dir",
+                    str(out),
+                    "--epochs",
+                    "1",
+                    *SMALL,
+                ]
+            )
+            == 0
+        )
+        cfg = load_checkpoint(out).config
+        assert (cfg.n_encoders, cfg.beta) == (k, beta)
+        assert pd.read_csv(out / "encodings.csv").shape == (64, 9)
+    out = tmp_path / "k3"
+    args = [*pair_args(lincs64), "--input3_dir", str(lincs64 / "InputImages1")]
+    assert (
+        main(["train", *args, "--save_dir", str(out), "--epochs", "1", "--beta", "2", *SMALL]) == 0
+    )
+    cfg = load_checkpoint(out).config
+    assert cfg.n_encoders == 3 and cfg.beta == 2
+    assert (out / "input3_images.png").is_file()
+
+
+def test_unmatched_names_give_a_clear_error(lincs64, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(lincs64, broken)
+    (broken / "InputImages2" / "train" / "Image_5.tif").unlink()
+    (broken / "OutputImages" / "train" / "Image_7.tif").rename(
+        broken / "OutputImages" / "train" / "Image_700.tif"
+    )
+    code = main(
+        ["train", *pair_args(broken), "--save_dir", str(tmp_path / "o"), "--epochs", "1", *SMALL]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "do not pair up by file name" in err and "Image_5" in err and "Image_700" in err
+    assert not (tmp_path / "o" / "models").exists()
+
+
+def test_all_zero_images_do_not_give_nan(lincs64, tmp_path):
+    zeros = tmp_path / "zeros"
+    shutil.copytree(lincs64, zeros)
+    for folder in ("InputImages1", "InputImages2", "OutputImages"):
+        for i in range(8):
+            tifffile.imwrite(
+                zeros / folder / "train" / f"Image_{i}.tif", np.zeros((128, 128), np.uint8)
+            )
+    out = tmp_path / "o"
+    assert main(["train", *pair_args(zeros), "--save_dir", str(out), "--epochs", "1", *SMALL]) == 0
+    assert np.isfinite(pd.read_csv(out / "encodings.csv").iloc[:, 1:].to_numpy()).all()
+
+
+def test_bad_checkpoint_and_missing_folders_are_clear_errors(lincs64, tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage")
+    assert (
+        main(
+            [
+                "encode",
+                "--checkpoint",
+                str(bad),
+                "--data_dir",
+                str(lincs64 / "InputImages1"),
+                "--verbose",
+                "0",
+            ]
+        )
+        == 2
+    )
+    assert "cannot read checkpoint" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "train",
+                "--data_dir",
+                str(tmp_path / "nowhere"),
+                "--input2_dir",
+                str(tmp_path),
+                "--out1_dir",
+                str(tmp_path),
+                *SMALL,
+            ]
+        )
+        == 2
+    )
+    assert "image folder not found" in capsys.readouterr().err
+    assert main(["train", "--phase", "load", *pair_args(lincs64), "--verbose", "0"]) == 2
+    assert "--phase load needs --checkpoint" in capsys.readouterr().err
+
+
+def test_documented_reference_command_runs_as_a_program(lincs64, tmp_path):
+    """The README's command, flags as in the reference (image size cut to 32 px for speed)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "napari_mevae",
+        "train",
+        "--data_dir",
+        "InputImages1/",
+        "--input2_dir",
+        "InputImages2/",
+        "--out1_dir",
+        "OutputImages/",
+        "--save_dir",
+        str(tmp_path / "Outputs"),
+        "--image_size",
+        "32",
+        "--latent_dim",
+        "32",
+        "--batch_size",
+        "10",
+        "--epochs",
+        "1",
+        "--verbose",
+        "1",
+    ]
+    proc = subprocess.run(cmd, cwd=lincs64, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "epoch 1/1" in proc.stderr and "outputs written" in proc.stderr
+    assert pd.read_csv(tmp_path / "Outputs" / "encodings.csv").shape == (64, 33)
