@@ -23,7 +23,7 @@ def test_shapes_for_k_encoders_and_channels(k, c):
     assert out.recon.shape == (4, c, 32, 32)
     assert out.means.shape == (k, 4, cfg.latent_dim)
     assert out.z.shape == (4, cfg.latent_dim)
-    assert 0 <= float(out.recon.min()) and float(out.recon.max()) <= 1
+    assert float(out.recon.min()) >= 0 and float(out.recon.max()) <= 1
     terms = model.loss(out, torch.rand(4, c, 32, 32))
     assert all(torch.isfinite(v) for v in terms.values())
 
