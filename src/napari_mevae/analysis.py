@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # torch is imported lazily so that importing this module stay
 
 __all__ = [
     "iter_encode",
+    "iter_encode_chunks",
     "encode",
     "reconstruct",
     "run_umap",
@@ -46,13 +47,14 @@ def _as_model_inputs(batch: np.ndarray, n_encoders: int) -> np.ndarray:
 def _check_crops(model: MEVAE, crops: np.ndarray) -> np.ndarray:
     from .training import check_compatible
 
-    crops = np.asarray(crops)
-    if crops.ndim not in (4, 5):
+    if not hasattr(crops, "shape") or not hasattr(crops, "__getitem__"):
+        crops = np.asarray(crops)  # lazy stores (CropStore) stay lazy: only .shape is read
+    if len(crops.shape) not in (4, 5):
         raise ValueError(
             f"expected crops of shape (N, C, S, S) or (N, K, C, S, S), got {crops.shape}"
         )
     cfg = model.config
-    k = crops.shape[1] if crops.ndim == 5 else cfg.n_encoders
+    k = crops.shape[1] if len(crops.shape) == 5 else cfg.n_encoders
     check_compatible(cfg, crops.shape[-1], crops.shape[-3], k)
     if crops.shape[-1] != crops.shape[-2]:
         raise ValueError(f"crops must be square, got {crops.shape[-2]}x{crops.shape[-1]}")
@@ -72,22 +74,34 @@ def iter_encode(
     view) or ``(N, K, C, S, S)`` (one input per encoder, as in training pairs).  Deterministic by
     default: the product of the encoder means.
     """
+    n = _check_crops(model, crops).shape[0]
+    out = np.empty((n, model.config.latent_dim), dtype=np.float32)
+    for start, z in iter_encode_chunks(model, crops, batch_size, sample, device):
+        out[start : start + len(z)] = z
+        yield start + len(z), n
+    return out
+
+
+def iter_encode_chunks(
+    model: MEVAE,
+    crops: np.ndarray,
+    batch_size: int = 256,
+    sample: bool = False,
+    device: str | torch.device | None = None,
+) -> Generator[tuple[int, np.ndarray], None, None]:
+    """Yield ``(start, latents)`` chunk by chunk, holding only one chunk: for streaming very
+    many cells to a file (``crops`` may be a lazy :class:`~napari_mevae.store.CropStore`)."""
     import torch
 
     crops = _check_crops(model, crops)
     dev = next(model.parameters()).device if device is None else torch.device(device)
     model = model.to(dev).eval()
-    n = crops.shape[0]
-    out = np.empty((n, model.config.latent_dim), dtype=np.float32)
-    for start in range(0, n, batch_size):
-        chunk = _as_model_inputs(
-            np.asarray(crops[start : start + batch_size]), model.config.n_encoders
-        )
+    for start in range(0, crops.shape[0], batch_size):
+        batch = np.asarray(crops[start : start + batch_size])
+        chunk = _as_model_inputs(batch, model.config.n_encoders)
         x = torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32)).to(dev)
         with torch.no_grad():
-            out[start : start + len(chunk)] = model.encode(x, sample=sample).cpu().numpy()
-        yield min(start + batch_size, n), n
-    return out
+            yield start, model.encode(x, sample=sample).cpu().numpy()
 
 
 def _drain(gen: Generator[Any, None, Any], progress: Callable[[int, int], None] | None) -> Any:

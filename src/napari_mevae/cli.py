@@ -124,6 +124,11 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--distributed", action="store_true", help="DistributedDataParallel (under torchrun)"
     )
+    g.add_argument(
+        "--lazy",
+        action="store_true",
+        help="read images from disk as needed instead of loading them all (large data sets)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="encodings.csv", help="CSV to write (default encodings.csv)")
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--device", default="auto")
+    p.add_argument("--lazy", action="store_true", help="read images as needed (large data sets)")
     p.add_argument("--verbose", type=int, default=1)
 
     p = sub.add_parser("pairs", help="crop segmented cells into the reference folder layout")
@@ -256,9 +262,37 @@ class TrainData:
         self.nuisances = nuisances
 
 
+def open_targets(
+    source: str, image_size: int, channels: int, lazy: bool = False
+) -> tuple[Any, list[str], list[str]]:
+    """Canonical crops from a folder of images or a ``.npy`` crops file (read lazily).
+
+    Returns the crops (an array, or a lazy store with the same indexing), the file names for
+    encodings.csv and the image stems."""
+    from .store import CropStore, LazyFolderTargets
+
+    path = Path(source)
+    if path.suffix == ".npy":
+        store = CropStore(path)
+        if store.shape[1:] != (channels, image_size, image_size):
+            raise CLIError(
+                f"{path} holds crops of shape {store.shape[1:]} (C, S, S); the model wants "
+                f"({channels}, {image_size}, {image_size}): set --nchannel/--image_size"
+            )
+        names = [f"{path.stem}[{i}]" for i in range(len(store))]
+        return store, names, names
+    if lazy:
+        tg = LazyFolderTargets(path, image_size, channels)
+        return tg, tg.filenames, tg.names
+    from .folders import FolderTargets
+
+    tg = FolderTargets(path, image_size, channels)
+    return tg.array, tg.filenames, tg.names
+
+
 def load_train_data(args: argparse.Namespace, n_encoders_hint: int | None = None) -> TrainData:
     """Folder pairs (reference layout) or canonical targets with on-the-fly nuisances."""
-    from .folders import FolderPairs, FolderTargets
+    from .folders import FolderPairs
 
     size, channels = args.image_size, args.nchannel
     baseline = args.model in ("vae", "betavae")
@@ -268,17 +302,24 @@ def load_train_data(args: argparse.Namespace, n_encoders_hint: int | None = None
         from .transforms import NuisancePairs, get_nuisances
 
         names = [n.name for n in get_nuisances(args.nuisances)]
-        tg = FolderTargets(args.targets, size, channels)
+        crops, filenames, stems = open_targets(args.targets, size, channels, args.lazy)
         if baseline:
             from .transforms import NuisanceAutoencode
 
-            ds = NuisanceAutoencode(tg.array, names, seed=args.seed or 0)
+            ds = NuisanceAutoencode(crops, names, seed=args.seed or 0)
             k = 1
         else:
-            ds = NuisancePairs(tg.array, names, seed=args.seed or 0)
+            ds = NuisancePairs(crops, names, seed=args.seed or 0)
             k = len(names)
-        grid = [np.stack([ds[i][0][j].numpy() for i in range(min(64, len(ds)))]) for j in range(k)]
-        return TrainData(ds, tg.filenames, tg.names, tg.array, grid, tg.array, k, names)
+        if n_encoders_hint is not None and n_encoders_hint != k:
+            raise CLIError(
+                f"the checkpoint's model has K={n_encoders_hint} encoders but --nuisances "
+                f"{args.nuisances} gives {k}"
+            )
+        first = range(min(64, len(ds)))
+        grid = [np.stack([ds[i][0][j].numpy() for i in first]) for j in range(k)]
+        targets = np.stack([np.asarray(crops[i]) for i in first])
+        return TrainData(ds, filenames, stems, crops, grid, targets, k, names)
 
     dirs = _input_dirs(args)
     if not dirs:
@@ -287,12 +328,12 @@ def load_train_data(args: argparse.Namespace, n_encoders_hint: int | None = None
         )
     if baseline:
         # The paper's baselines: a plain (beta-)VAE autoencodes the raw cells of --data_dir.
-        ds = FolderPairs([dirs[0]], dirs[0], size, channels)
+        ds = FolderPairs([dirs[0]], dirs[0], size, channels, in_memory=not args.lazy)
         k = 1
     else:
         if not args.out1_dir:
             raise CLIError("--out1_dir (the corrected target cells) is needed to train an ME-VAE")
-        ds = FolderPairs(dirs, args.out1_dir, size, channels)
+        ds = FolderPairs(dirs, args.out1_dir, size, channels, in_memory=not args.lazy)
         k = len(dirs)
     if n_encoders_hint is not None and n_encoders_hint != k:
         raise CLIError(
@@ -302,34 +343,29 @@ def load_train_data(args: argparse.Namespace, n_encoders_hint: int | None = None
     return TrainData(ds, ds.filenames, ds.names, ds.pairs_array(), grid, ds.targets_array(), k, [])
 
 
-def write_encodings_csv(path: Path, names: Sequence[str], latents: np.ndarray) -> Path:
-    """Header ``filename,z0,z1,...``, one row per image, in filenames.csv order."""
+def write_encodings_csv(
+    path: Path, names: Sequence[str], model, inputs, verbose: int = 1, batch_size: int = 256
+) -> Path:
+    """Encode and stream rows to ``path``: header ``filename,z0,z1,...``, one row per image in
+    ``names`` order.  Only one batch of latents is in memory at a time."""
+    from .analysis import iter_encode_chunks
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["filename", *[f"z{i}" for i in range(latents.shape[1])]])
-        for name, row in zip(names, latents, strict=True):
-            w.writerow([name, *[f"{v:.7g}" for v in row]])
-    os.replace(tmp, path)
-    return path
-
-
-def _encode_with_progress(model, inputs, verbose: int, batch_size: int = 256) -> np.ndarray:
-    from .analysis import iter_encode
-
-    gen = iter_encode(model, inputs, batch_size=batch_size)
-    bar = _progress(len(inputs), "encoding", verbose, unit="cell")
+    bar = _progress(len(names), "encoding", verbose, unit="cell")
     try:
-        while True:
-            try:
-                done, _ = next(gen)
-            except StopIteration as stop:
-                return stop.value
-            bar.n = done
-            bar.refresh()
+        with open(tmp, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["filename", *[f"z{i}" for i in range(model.config.latent_dim)]])
+            for start, z in iter_encode_chunks(model, inputs, batch_size):
+                for name, row in zip(names[start : start + len(z)], z, strict=True):
+                    w.writerow([name, *[f"{v:.7g}" for v in row]])
+                bar.update(len(z))
+        os.replace(tmp, path)
     finally:
         bar.close()
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def write_run_outputs(save_dir: Path, model, data: TrainData, args: argparse.Namespace) -> None:
@@ -341,8 +377,9 @@ def write_run_outputs(save_dir: Path, model, data: TrainData, args: argparse.Nam
     with open(save_dir / "filenames.csv", "w", newline="") as fh:
         for f in data.filenames:
             fh.write(f + "\n")
-    latents = _encode_with_progress(model, data.encode_inputs, args.verbose)
-    write_encodings_csv(save_dir / "encodings.csv", data.filenames, latents)
+    write_encodings_csv(
+        save_dir / "encodings.csv", data.filenames, model, data.encode_inputs, args.verbose
+    )
     ncols = max(1, args.num_save)
     n = ncols * ncols
     for k, imgs in enumerate(data.grid_inputs):
@@ -491,30 +528,28 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    from .folders import FolderPairs, FolderTargets
+    from .folders import FolderPairs
     from .training import check_compatible, load_checkpoint
 
     ckpt = load_checkpoint(args.checkpoint)
     cfg = ckpt.config
     model = ckpt.build_model(_device(args))
     if args.targets:
-        tg = FolderTargets(args.targets, cfg.image_size, cfg.channels)
-        inputs, names = tg.array, tg.filenames
+        inputs, names, _ = open_targets(args.targets, cfg.image_size, cfg.channels, args.lazy)
     else:
         dirs = _input_dirs(args)
         if not dirs:
             raise CLIError(
                 "give --data_dir (and --input2_dir ... for one folder per encoder) or --targets"
             )
-        ds = FolderPairs(dirs, dirs[0], cfg.image_size, cfg.channels)
+        ds = FolderPairs(dirs, dirs[0], cfg.image_size, cfg.channels, in_memory=not args.lazy)
         if len(dirs) == 1:
             inputs = ds.inputs_array(0)  # every encoder sees the same cell
         else:
             check_compatible(cfg, cfg.image_size, cfg.channels, len(dirs))
             inputs = ds.pairs_array()
         names = ds.filenames
-    latents = _encode_with_progress(model, inputs, args.verbose, args.batch_size)
-    out = write_encodings_csv(Path(args.out), names, latents)
+    out = write_encodings_csv(Path(args.out), names, model, inputs, args.verbose, args.batch_size)
     _say(args, f"encoded {len(names)} images -> {out}")
     return 0
 
@@ -583,14 +618,15 @@ def _skip_summary(table) -> str:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .analysis import invariance_report
-    from .folders import FolderTargets
     from .training import load_checkpoint
 
     ckpt = load_checkpoint(args.checkpoint)
     model = ckpt.build_model("cpu")
-    tg = FolderTargets(args.targets, ckpt.config.image_size, ckpt.config.channels)
+    all_crops, _, stems = open_targets(args.targets, ckpt.config.image_size, ckpt.config.channels)
     sel = slice(args.first, args.last)
-    crops = tg.array[sel]
+    crops = np.asarray(all_crops[sel])
+    if len(crops) < 10:
+        raise CLIError(f"only {len(crops)} cell(s) selected; the report needs at least 10")
     classes = None
     if args.classes:
         import pandas as pd
@@ -599,10 +635,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         lookup = dict(
             zip(table["filename"].map(lambda s: Path(str(s)).stem), table["class"], strict=True)
         )
-        missing = [n for n in tg.names[sel] if n not in lookup]
+        missing = [n for n in stems[sel] if n not in lookup]
         if missing:
             raise CLIError(f"--classes lacks {len(missing)} cell(s), e.g. {missing[:5]}")
-        classes = np.array([lookup[n] for n in tg.names[sel]])
+        classes = np.array([lookup[n] for n in stems[sel]])
     report = invariance_report(model, crops, classes=classes, seed=args.seed)
     text = json.dumps(report, indent=2)
     print(text)
