@@ -1,0 +1,599 @@
+"""Segmented image -> one canonical crop per cell: the ME-VAE's training targets.
+
+A crop is taken around each labelled cell and, with ``align=True``, put in *canonical pose*:
+the major axis (image moments, the ``skimage.measure.regionprops`` orientation) is turned
+horizontal, then the crop is mirrored so that the intensity-weighted centre of mass of the cell
+lies right of and below the crop centre.  That is the "corrected" cell every encoder has to
+reconstruct; the nuisances (see :mod:`napari_mevae.transforms`) are re-applied on the fly.
+
+Speed: the label image is scanned once (``scipy.ndimage.find_objects``); everything else works
+on the cell's bounding box, and the resampling on a small window just big enough for the crop.
+No Qt / napari imports here.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+
+__all__ = ["CellCrops", "extract_cells", "canonical_pose", "TABLE_COLUMNS"]
+
+TABLE_COLUMNS = [
+    "label",
+    "plane",
+    "centroid_y",
+    "centroid_x",
+    "area",
+    "orientation",
+    "bbox_y0",
+    "bbox_x0",
+    "bbox_y1",
+    "bbox_x1",
+    "crop_index",
+    "skip_reason",
+]
+
+# find_objects allocates one list slot per label id up to the maximum id; above this we relabel
+# the cells 1..n first so ids such as 2**31 do not cost gigabytes.
+_MAX_DIRECT_LABEL = 1 << 20
+# Percentiles are estimated on at most this many pixels per channel (strided sub-sample).
+_PERCENTILE_SAMPLE = 1 << 20
+
+
+@dataclass
+class CellCrops:
+    """Crops of the kept cells and a table of every labelled cell (kept or skipped, with why)."""
+
+    crops: np.ndarray  # (N, C, S, S) float32, kept cells in crop_index order
+    table: pd.DataFrame  # one row per labelled cell, see TABLE_COLUMNS
+
+    @property
+    def kept(self) -> pd.DataFrame:
+        """Rows of the cropped cells, ordered like ``crops``."""
+        rows = self.table[self.table["crop_index"] >= 0]
+        return rows.sort_values("crop_index", kind="stable")
+
+    @property
+    def skipped(self) -> pd.DataFrame:
+        return self.table[self.table["crop_index"] < 0]
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    def skip_summary(self) -> dict[str, int]:
+        """``{reason: count}`` of the skipped cells, for messages."""
+        return {str(k): int(v) for k, v in self.skipped["skip_reason"].value_counts().items()}
+
+
+# -- input checking ---------------------------------------------------------------------------
+def _check_labels(labels: Any) -> np.ndarray:
+    """Integer label array; float labels must hold whole numbers.  Clear errors otherwise."""
+    lab = np.asarray(labels)
+    if lab.dtype == bool:
+        return lab.astype(np.uint8)
+    if lab.dtype.kind in "iu":
+        if lab.dtype.kind == "i" and lab.size and lab.min() < 0:
+            raise ValueError("labels must be >= 0 (0 = background); found negative label ids")
+        return lab
+    if lab.dtype.kind == "f":
+        if lab.size and not np.isfinite(lab).all():
+            raise ValueError("labels contain NaN or inf; a label image must hold whole numbers")
+        if lab.size and not np.array_equal(lab, np.floor(lab)):
+            raise ValueError(
+                "labels must be integers (a float label image is accepted only when every value "
+                "is a whole number); did you pass the intensity image as labels?"
+            )
+        if lab.size and lab.min() < 0:
+            raise ValueError("labels must be >= 0 (0 = background); found negative label ids")
+        big = lab.size and lab.max() >= 2**31
+        return lab.astype(np.int64 if big else np.int32)
+    raise TypeError(f"labels must be an integer array, got dtype {lab.dtype}")
+
+
+def _as_planes(
+    image: Any, labels: np.ndarray, channel_axis: int | None, stack: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Views ``(P, C, Y, X)`` of the image and ``(P, Y, X)`` of the labels (no pixel copy)."""
+    img = np.asarray(image)
+    if img.dtype.kind not in "biuf":
+        raise TypeError(f"image must be a real numeric array, got dtype {img.dtype}")
+    lab_ndim = 3 if stack else 2
+    if labels.ndim != lab_ndim:
+        hint = "" if stack else "; for a time/z stack pass stack=True"
+        raise ValueError(
+            f"labels must be {'(T|Z, Y, X)' if stack else '(Y, X)'}, got shape {labels.shape}{hint}"
+        )
+    spatial = labels.shape  # (Y, X) or (P, Y, X)
+    if img.ndim == lab_ndim + 1:
+        if channel_axis is None:
+            # Infer the channel axis from where the labels' shape fits.
+            candidates = [
+                a for a in range(img.ndim) if tuple(np.delete(img.shape, a)) == tuple(spatial)
+            ]
+            if not candidates:
+                raise ValueError(
+                    f"label image shape {labels.shape} does not match image shape {img.shape} "
+                    "(no axis of the image can be its channel axis)"
+                )
+            channel_axis = candidates[0]
+        if not -img.ndim <= channel_axis < img.ndim:
+            raise ValueError(
+                f"channel_axis {channel_axis} is out of range for image shape {img.shape}"
+            )
+        axis = channel_axis % img.ndim
+        img = np.moveaxis(img, axis, 1 if stack else 0)
+    elif img.ndim == lab_ndim:
+        if channel_axis is not None:
+            raise ValueError(
+                f"channel_axis={channel_axis} given but the image {img.shape} has no channel axis "
+                f"(labels {labels.shape})"
+            )
+        img = img[:, None] if stack else img[None]
+    else:
+        raise ValueError(
+            f"image shape {img.shape} does not fit label image shape {labels.shape}: expected the "
+            f"labels' shape plus at most one channel axis"
+        )
+    if not stack:
+        img, labels = img[None], labels[None]
+    if img.shape[0] != labels.shape[0] or img.shape[2:] != labels.shape[1:]:
+        got = img.shape[2:] if not stack else (img.shape[0], *img.shape[2:])
+        raise ValueError(
+            f"label image shape {spatial} does not match the image's spatial shape {got} "
+            f"(image shape {np.shape(image)}, channel_axis={channel_axis})"
+        )
+    return img, labels
+
+
+def _norm_params(
+    img: np.ndarray,
+    normalize: str | None,
+    norm_range: Any,
+    percentiles: Sequence[float],
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per-channel ``(lo, hi)`` for "percentile"/"range"; None otherwise."""
+    n_ch = img.shape[1]
+    if normalize == "range":
+        if norm_range is None:
+            raise ValueError(
+                'normalize="range" needs norm_range=(lo, hi) (or one pair per channel)'
+            )
+        rng = np.asarray(norm_range, dtype=np.float64)
+        if rng.shape == (2,):
+            rng = np.broadcast_to(rng, (n_ch, 2))
+        if rng.shape != (n_ch, 2):
+            raise ValueError(f"norm_range must be (lo, hi) or {n_ch} pairs, got shape {rng.shape}")
+        lo, hi = rng[:, 0].copy(), rng[:, 1].copy()
+    elif normalize == "percentile":
+        p_lo, p_hi = (float(p) for p in percentiles)
+        if not 0 <= p_lo < p_hi <= 100:
+            raise ValueError(f"percentiles must satisfy 0 <= lo < hi <= 100, got {percentiles}")
+        per_channel = img.shape[0] * img.shape[2] * img.shape[3]
+        step = max(1, math.ceil(math.sqrt(per_channel / _PERCENTILE_SAMPLE)))
+        lo, hi = np.zeros(n_ch), np.ones(n_ch)
+        for c in range(n_ch):
+            sample = np.asarray(img[:, c, ::step, ::step], dtype=np.float64).ravel()
+            sample = sample[np.isfinite(sample)]
+            if sample.size:
+                lo[c], hi[c] = np.percentile(sample, [p_lo, p_hi])
+    else:
+        return None
+    bad = ~(hi > lo)
+    hi[bad] = lo[bad] + 1.0  # a flat channel maps to 0 rather than dividing by zero
+    return lo.astype(np.float32), hi.astype(np.float32)
+
+
+# -- one cell ---------------------------------------------------------------------------------
+@dataclass
+class _Geometry:
+    area: int
+    cy: float  # centroid, full-image coordinates
+    cx: float
+    orientation: float
+    center: np.ndarray  # crop centre (row, col), full-image coordinates
+    u: np.ndarray  # image direction of the crop's columns (major axis when aligned)
+    v: np.ndarray  # image direction of the crop's rows
+    extent: float  # largest extent (pixels) along u or v
+    half_u: float = 0.0  # half extent (pixels) along u / v about ``center``
+    half_v: float = 0.0
+
+
+def _geometry(
+    cell: np.ndarray, y0: int, x0: int, weights_img: np.ndarray | None, align: bool
+) -> _Geometry:
+    """Moments, orientation and polarity of one cell from its bounding-box mask."""
+    rr, cc = np.nonzero(cell)
+    area = int(rr.size)
+    cy, cx = rr.sum() / area, cc.sum() / area
+    dr, dc = rr - cy, cc - cx
+    vrr, vcc, vrc = dr @ dr / area, dc @ dc / area, dr @ dc / area
+    theta = 0.5 * math.atan2(2.0 * vrc, vrr - vcc)  # == regionprops(...).orientation
+    if align:
+        u = np.array([math.cos(theta), math.sin(theta)])  # major axis (row, col)
+        v = np.array([-math.sin(theta), math.cos(theta)])
+    else:
+        u, v = np.array([0.0, 1.0]), np.array([1.0, 0.0])
+    pu = dr * u[0] + dc * u[1]
+    pv = dr * v[0] + dc * v[1]
+    pu_lo, pu_hi, pv_lo, pv_hi = pu.min(), pu.max(), pv.min(), pv.max()
+    mid_u, mid_v = 0.5 * (pu_hi + pu_lo), 0.5 * (pv_hi + pv_lo)
+    ext = max(pu_hi - pu_lo, pv_hi - pv_lo) + 1.0
+    if align:
+        w = None
+        if weights_img is not None:
+            w = weights_img[:, rr, cc].sum(0, dtype=np.float64)
+            np.maximum(w, 0.0, out=w)
+            wsum = w.sum()
+            if not (np.isfinite(wsum) and wsum > 1e-12):
+                w = None
+        if w is None:  # a dark cell: polarity from its shape alone
+            w, wsum = np.ones(area), float(area)
+        if (w @ pu) / wsum - mid_u < 0:
+            u, mid_u = -u, -mid_u
+        if (w @ pv) / wsum - mid_v < 0:
+            v, mid_v = -v, -mid_v
+    center = np.array([cy + y0, cx + x0]) + mid_u * u + mid_v * v
+    half_u, half_v = 0.5 * float(pu_hi - pu_lo), 0.5 * float(pv_hi - pv_lo)
+    return _Geometry(
+        area, float(cy + y0), float(cx + x0), theta, center, u, v, float(ext), half_u, half_v
+    )
+
+
+def _resample(
+    img: np.ndarray,
+    labels: np.ndarray | None,
+    value: int,
+    geo: _Geometry,
+    size: int,
+    zoom: float,
+    order: int,
+    prepare: Callable[[np.ndarray], np.ndarray],
+    channel_scale: np.ndarray | None = None,
+    bbox: tuple[int, int, int, int] | None = None,
+) -> np.ndarray:
+    """The ``(C, size, size)`` crop: only a window around the cell is copied and resampled."""
+    n_ch, height, width = img.shape
+    a = np.column_stack([geo.v, geo.u]) / zoom  # d(image row, col) / d(crop i, j)
+    m = (size - 1) / 2.0
+    offset = geo.center - a @ np.array([m, m])
+    corners = np.array([[0, 0], [0, size - 1], [size - 1, 0], [size - 1, size - 1]], float)
+    pts = corners @ a.T + offset
+    blur = 0.5 * (1.0 / zoom - 1.0) if zoom < 0.75 else 0.0  # anti-alias strong shrinking
+    pad = 2 + int(math.ceil(3 * blur))
+    wy0 = max(0, int(math.floor(pts[:, 0].min())) - pad)
+    wx0 = max(0, int(math.floor(pts[:, 1].min())) - pad)
+    wy1 = min(height, int(math.ceil(pts[:, 0].max())) + pad + 1)
+    wx1 = min(width, int(math.ceil(pts[:, 1].max())) + pad + 1)
+    if labels is not None and bbox is not None:  # masked: nothing outside the cell matters
+        wy0, wx0 = max(wy0, bbox[0] - pad), max(wx0, bbox[1] - pad)
+        wy1, wx1 = min(wy1, bbox[2] + pad), min(wx1, bbox[3] + pad)
+    if wy1 <= wy0 or wx1 <= wx0:
+        return np.zeros((n_ch, size, size), np.float32)
+    win = prepare(img[:, wy0:wy1, wx0:wx1])
+    if channel_scale is not None:
+        win *= channel_scale[:, None, None]
+    if labels is not None:  # zero the background and the other cells
+        win *= labels[wy0:wy1, wx0:wx1] == value
+    if blur > 0:
+        win = ndimage.gaussian_filter(win, sigma=(0, blur, blur), mode="constant")
+    off = offset - np.array([wy0, wx0])
+    if order == 1:
+        rows = cols = (0, size)
+        if labels is not None:  # masked: only the cell's own rectangle of the crop is non-zero
+            margin = 2.0 + 3 * blur
+            hj = (geo.half_u + margin) * zoom
+            hi = (geo.half_v + margin) * zoom
+            cols = (max(0, int(math.floor(m - hj))), min(size, int(math.ceil(m + hj)) + 1))
+            rows = (max(0, int(math.floor(m - hi))), min(size, int(math.ceil(m + hi)) + 1))
+        return _bilinear(win, a, off, size, rows, cols)
+    mat = np.eye(3)
+    mat[1:, 1:] = a
+    return ndimage.affine_transform(
+        win,
+        mat,
+        np.array([0.0, off[0], off[1]]),
+        output_shape=(n_ch, size, size),
+        order=order,
+        mode="constant",
+        cval=0.0,
+        prefilter=order > 1,
+    ).astype(np.float32, copy=False)
+
+
+def _bilinear(
+    win: np.ndarray,
+    a: np.ndarray,
+    off: np.ndarray,
+    size: int,
+    rows: tuple[int, int] = (0, 0),
+    cols: tuple[int, int] = (0, 0),
+) -> np.ndarray:
+    """Bilinear affine resampling of all channels at once with zero padding, equal to
+    ``ndimage.affine_transform(order=1, mode="grid-constant")`` but several times faster here:
+    the weights are shared by the channels and only output ``rows`` x ``cols`` is computed."""
+    n_ch, h, w = win.shape
+    out = np.zeros((n_ch, size, size), np.float32)
+    (i0, i1), (j0, j1) = rows, cols
+    if i1 <= i0 or j1 <= j0:
+        i0, i1, j0, j1 = 0, size, 0, size
+    ii = np.arange(i0, i1, dtype=np.float64)[:, None]
+    jj = np.arange(j0, j1, dtype=np.float64)[None, :]
+    r = (a[0, 0] * ii + a[0, 1] * jj + off[0]).ravel()
+    c = (a[1, 0] * ii + a[1, 1] * jj + off[1]).ravel()
+    r0 = np.floor(r)
+    c0 = np.floor(c)
+    fr = (r - r0).astype(np.float32)
+    fc = (c - c0).astype(np.float32)
+    # Pad by 2 zero pixels and clip: any sample outside the window then reads only zeros.
+    padded = np.zeros((n_ch, h + 4, w + 4), np.float32)
+    padded[:, 2:-2, 2:-2] = win
+    pw = w + 4
+    r0 = np.clip(r0, -2, h).astype(np.intp) + 2
+    c0 = np.clip(c0, -2, w).astype(np.intp) + 2
+    base = r0 * pw + c0
+    flat = padded.reshape(n_ch, -1)
+    gfr, gfc = 1 - fr, 1 - fc
+    acc = np.take(flat, base, axis=1)
+    acc *= gfr * gfc
+    for shift, wgt in ((1, gfr * fc), (pw, fr * gfc), (pw + 1, fr * fc)):
+        vals = np.take(flat, base + shift, axis=1)
+        vals *= wgt
+        acc += vals
+    out[:, i0:i1, j0:j1] = acc.reshape(n_ch, i1 - i0, j1 - j0)
+    return out
+
+
+# -- public -----------------------------------------------------------------------------------
+def extract_cells(
+    image: Any,
+    labels: Any,
+    *,
+    size: int = 64,
+    channel_axis: int | None = None,
+    stack: bool = False,
+    scale: Literal["fixed", "fit"] = "fixed",
+    fill_fraction: float = 0.8,
+    mask: bool = True,
+    normalize: Literal["percentile", "max", "range"] | None = "percentile",
+    norm_range: Any = None,
+    percentiles: Sequence[float] = (1, 99.8),
+    min_area: int = 0,
+    max_area: int | None = None,
+    border: Literal["drop", "pad"] = "drop",
+    align: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+    order: int = 1,
+) -> CellCrops:
+    """Crop every labelled cell of ``image`` into a ``size`` x ``size`` canonical crop.
+
+    ``image``: ``(Y, X)`` or with a channel axis (``channel_axis``; inferred from the labels'
+    shape when None); with ``stack=True`` a ``(P, [C,] Y, X)`` stack and ``(P, Y, X)`` labels,
+    ``channel_axis`` then indexes the full image array.  ``scale="fit"`` zooms each cell so its
+    longest extent fills ``fill_fraction`` of the crop; ``"fixed"`` keeps pixel scale and skips
+    cells larger than the crop.  ``mask`` zeroes background and other cells.  ``normalize``:
+    ``"percentile"`` (per channel over the whole image), ``"max"`` (per cell and channel),
+    ``"range"`` (fixed ``norm_range``) - all clipped to [0, 1] - or None (raw values).
+    ``border="drop"`` skips cells touching the image edge, ``"pad"`` pads them with zeros.
+    Skipped cells stay in the table with a ``skip_reason``.  NaN/inf pixels count as 0 (warned).
+    """
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 4:
+        raise ValueError(f"size must be an integer >= 4, got {size!r}")
+    size = int(size)
+    if scale not in ("fixed", "fit"):
+        raise ValueError(f"scale must be 'fixed' or 'fit', got {scale!r}")
+    if normalize == "none":
+        normalize = None
+    if normalize not in ("percentile", "max", "range", None):
+        raise ValueError(
+            f"normalize must be 'percentile', 'max', 'range' or None, got {normalize!r}"
+        )
+    if border not in ("drop", "pad"):
+        raise ValueError(f"border must be 'drop' or 'pad', got {border!r}")
+    if not 0 < fill_fraction <= 1:
+        raise ValueError(f"fill_fraction must be in (0, 1], got {fill_fraction}")
+    if order not in (0, 1, 2, 3):
+        raise ValueError(f"order (interpolation) must be 0..3, got {order}")
+
+    lab_all = _check_labels(labels)
+    img_all, lab_all = _as_planes(image, lab_all, channel_axis, stack)
+    n_planes, n_ch, height, width = img_all.shape
+    if not lab_all.any():
+        raise ValueError("no cells: the label image is empty (all zeros)")
+
+    nonfinite = False
+    if img_all.dtype.kind == "f":
+        bad = int(np.count_nonzero(~np.isfinite(img_all)))
+        if bad:
+            nonfinite = True
+            warnings.warn(
+                f"the image has {bad} NaN/inf pixel(s); they are treated as 0",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    params = _norm_params(img_all, normalize, norm_range, percentiles)
+    if params is not None:
+        lo = params[0][:, None, None]
+        inv = (1.0 / (params[1] - params[0]))[:, None, None]
+
+    def prepare(win: np.ndarray) -> np.ndarray:
+        out = np.array(win, dtype=np.float32)  # always a fresh copy
+        if nonfinite:
+            np.nan_to_num(out, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        if params is not None:
+            out -= lo
+            out *= inv
+            np.clip(out, 0.0, None, out=out)
+        return out
+
+    # One pass per plane over the label image; relabel first only for huge ids.
+    objects: list[tuple[int, int, tuple[slice, ...], int]] = []
+    plane_labels: list[np.ndarray] = []
+    for p in range(n_planes):
+        lab = lab_all[p]
+        top = int(lab.max()) if lab.size else 0
+        if top > _MAX_DIRECT_LABEL:
+            ids, inverse = np.unique(lab, return_inverse=True)
+            lab = inverse.reshape(lab.shape).astype(np.int32)
+            if ids[0] != 0:  # no background at all: shift so 0 stays background
+                ids = np.concatenate([[0], ids])
+                lab += 1
+        else:
+            ids = None
+        plane_labels.append(lab)
+        for k, sl in enumerate(ndimage.find_objects(lab)):
+            if sl is not None:
+                original = int(ids[k + 1]) if ids is not None else k + 1
+                objects.append((p, k + 1, sl, original))
+
+    total = len(objects)
+    crops = np.zeros((total, n_ch, size, size), np.float32)
+    rows: list[dict[str, Any]] = []
+    n_kept = 0
+    every = max(1, total // 100)
+    for done, (p, value, sl, original) in enumerate(objects, 1):
+        lab = plane_labels[p]
+        img = img_all[p]
+        cell = lab[sl] == value
+        y0, x0, y1, x1 = sl[0].start, sl[1].start, sl[0].stop, sl[1].stop
+        cell_img = prepare(img[:, y0:y1, x0:x1]) if (align or normalize == "max") else None
+        cell_max = None
+        if normalize == "max" and cell_img is not None:
+            cell_max = cell_img[:, cell].max(axis=1) if cell.any() else np.zeros(n_ch)
+            cell_max = np.where(cell_max > 0, cell_max, 1.0).astype(np.float32)
+            cell_img = cell_img / cell_max[:, None, None]
+        geo = _geometry(cell, y0, x0, cell_img, align)
+        reason = ""
+        if geo.area < min_area:
+            reason = f"area below min_area ({geo.area} < {min_area})"
+        elif max_area is not None and geo.area > max_area:
+            reason = f"area above max_area ({geo.area} > {max_area})"
+        elif border == "drop" and (y0 == 0 or x0 == 0 or y1 == height or x1 == width):
+            reason = "touches image border"
+        elif scale == "fixed" and geo.extent > size:
+            reason = "larger than crop"
+        if not reason:
+            zoom = 1.0 if scale == "fixed" else fill_fraction * size / geo.extent
+            scale_c = None if cell_max is None else (1.0 / cell_max).astype(np.float32)
+            crop = _resample(
+                img,
+                lab if mask else None,
+                value,
+                geo,
+                size,
+                zoom,
+                order,
+                prepare,
+                scale_c,
+                (y0, x0, y1, x1),
+            )
+            if normalize is not None:
+                np.clip(crop, 0.0, 1.0, out=crop)
+            crops[n_kept] = crop
+            crop_index = n_kept
+            n_kept += 1
+        else:
+            crop_index = -1
+        rows.append(
+            dict(
+                label=original,
+                plane=p,
+                centroid_y=geo.cy,
+                centroid_x=geo.cx,
+                area=geo.area,
+                orientation=geo.orientation,
+                bbox_y0=y0,
+                bbox_x0=x0,
+                bbox_y1=y1,
+                bbox_x1=x1,
+                crop_index=crop_index,
+                skip_reason=reason,
+            )
+        )
+        if progress is not None and (done % every == 0 or done == total):
+            progress(done, total)
+
+    table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    table = table.astype(
+        {
+            "label": np.int64,
+            "plane": np.int64,
+            "area": np.int64,
+            "crop_index": np.int64,
+            **{c: np.int64 for c in ("bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1")},
+        }
+    )
+    out = crops[:n_kept]
+    if n_kept < 0.9 * total:
+        out = out.copy()  # do not keep the unused slots alive
+    return CellCrops(out, table)
+
+
+def _cell_mask(arr: np.ndarray) -> np.ndarray:
+    """A cell mask for an unmasked crop: non-zero pixels (masked crops) or Otsu's threshold,
+    largest connected component."""
+    inten = np.clip(arr, 0, None).sum(0)
+    if not inten.any():
+        return np.zeros(inten.shape, bool)
+    if (inten <= 0).mean() > 0.05:
+        fg = inten > 0
+    else:
+        from skimage.filters import threshold_otsu
+
+        fg = inten > threshold_otsu(inten)
+    comp, n = ndimage.label(fg)
+    if n > 1:
+        sizes = np.bincount(comp.ravel())
+        sizes[0] = 0
+        fg = comp == int(sizes.argmax())
+    return fg
+
+
+def canonical_pose(
+    crop: np.ndarray,
+    mask: np.ndarray | None = None,
+    *,
+    scale: Literal["fixed", "fit"] = "fixed",
+    fill_fraction: float = 0.8,
+    size: int | None = None,
+    order: int = 1,
+) -> np.ndarray:
+    """Put an existing crop ``(C, S, S)`` (or ``(S, S)``) of one cell in canonical pose.
+
+    Same convention as :func:`extract_cells` with ``align=True``: major axis horizontal, then
+    mirrored so the intensity-weighted centre of mass is right of and below the centre.  The
+    cell's shape comes from ``mask`` when given (else non-zero pixels / Otsu threshold); the
+    content is resampled, not masked, so anything far from the cell may leave the crop corners.
+    ``scale="fit"`` also zooms the cell to fill ``fill_fraction`` of the crop.
+    """
+    arr = np.asarray(crop)
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"crop must be a real numeric array, got dtype {arr.dtype}")
+    squeeze = arr.ndim == 2
+    if squeeze:
+        arr = arr[None]
+    if arr.ndim != 3:
+        raise ValueError(f"crop must be (C, S, S) or (S, S), got shape {np.shape(crop)}")
+    arr = np.nan_to_num(arr.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    if scale not in ("fixed", "fit"):
+        raise ValueError(f"scale must be 'fixed' or 'fit', got {scale!r}")
+    out_size = int(size) if size is not None else max(arr.shape[1:])
+    if mask is None:
+        cell = _cell_mask(arr)
+    else:
+        cell = np.asarray(mask).astype(bool)
+        if cell.shape != arr.shape[1:]:
+            raise ValueError(f"mask shape {cell.shape} does not match crop shape {arr.shape[1:]}")
+    if not cell.any():  # nothing to align on
+        out = arr.copy()
+        return out[0] if squeeze else out
+    geo = _geometry(cell, 0, 0, arr, align=True)
+    zoom = 1.0 if scale == "fixed" else fill_fraction * out_size / geo.extent
+    out = _resample(arr, None, 0, geo, out_size, zoom, order, lambda w: np.array(w, np.float32))
+    return out[0] if squeeze else out
