@@ -1,0 +1,215 @@
+"""Layer plumbing for the widgets: combo boxes that follow the layer list, show/replace result
+layers, and the image/labels layout check.  No science and no torch here."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from napari.layers import Image, Labels, Layer
+from qtpy.QtWidgets import QComboBox, QWidget
+
+__all__ = [
+    "LayerCombo",
+    "infer_layout",
+    "layer_array",
+    "place_beside",
+    "show_image",
+    "show_labels",
+    "to_tiles",
+]
+
+
+class LayerCombo(QComboBox):
+    """A combo box of the viewer's layers of one type, kept in step with the layer list (add,
+    remove, rename), so the user never picks a stale name."""
+
+    def __init__(self, viewer: Any, layer_type: type[Layer], parent: QWidget | None = None):
+        super().__init__(parent)
+        self.viewer = viewer
+        self.layer_type = layer_type
+        self.setToolTip(f"{layer_type.__name__} layer to use")
+        events = viewer.layers.events
+        for name in ("inserted", "removed", "reordered"):
+            getattr(events, name).connect(self.refresh)
+        events.inserted.connect(self._watch_name)
+        for layer in viewer.layers:
+            layer.events.name.connect(self.refresh)
+        self.destroyed.connect(self._disconnect_all)
+        self.refresh()
+
+    def _watch_name(self, event: Any) -> None:
+        layer = getattr(event, "value", None)
+        if layer is not None:
+            layer.events.name.connect(self.refresh)
+
+    def _disconnect_all(self, *_: Any) -> None:
+        # the viewer can outlive the widget: never call into a deleted combo box
+        events = self.viewer.layers.events
+        for name in ("inserted", "removed", "reordered"):
+            with contextlib.suppress(TypeError, ValueError, RuntimeError):
+                getattr(events, name).disconnect(self.refresh)
+        for layer in self.viewer.layers:
+            with contextlib.suppress(TypeError, ValueError, RuntimeError):
+                layer.events.name.disconnect(self.refresh)
+
+    def layers(self) -> list[Layer]:
+        return [ly for ly in self.viewer.layers if isinstance(ly, self.layer_type)]
+
+    def refresh(self, *_: Any) -> None:
+        """Rebuild the items, keeping the current choice when it still exists."""
+        try:
+            current = self.currentText()
+        except RuntimeError:  # the C++ object is gone
+            return
+        names = [ly.name for ly in self.layers()]
+        self.blockSignals(True)
+        self.clear()
+        self.addItems(names)
+        if current in names:
+            self.setCurrentIndex(names.index(current))
+        elif names:
+            self.setCurrentIndex(len(names) - 1)  # newest layer of that type
+        self.blockSignals(False)
+        self.currentIndexChanged.emit(self.currentIndex())
+
+    def layer(self) -> Layer | None:
+        """The chosen layer, or None when there is none."""
+        name = self.currentText()
+        for ly in self.layers():
+            if ly.name == name:
+                return ly
+        return None
+
+    def set_layer(self, layer: Layer | str) -> None:
+        name = layer if isinstance(layer, str) else layer.name
+        idx = self.findText(name)
+        if idx < 0:
+            raise ValueError(f"no {self.layer_type.__name__} layer named {name!r}")
+        self.setCurrentIndex(idx)
+
+
+def layer_array(layer: Layer) -> np.ndarray:
+    """The full-resolution data of a layer as a numpy array (multiscale: level 0)."""
+    data = layer.data
+    if getattr(layer, "multiscale", False):
+        data = data[0]
+    return np.asarray(data)
+
+
+def infer_layout(
+    image_shape: Sequence[int], labels_shape: Sequence[int], rgb: bool, channel_axis: str = "auto"
+) -> tuple[int | None, bool]:
+    """Where the channels are and whether the data is a stack of planes, from the shapes.
+
+    Returns ``(channel_axis, stack)``; raises ValueError with a message a user can act on.
+    ``channel_axis`` is ``"auto"``, ``"none"`` or an axis number (negative counts from the end).
+    """
+    ishape, lshape = tuple(image_shape), tuple(labels_shape)
+    if len(lshape) not in (2, 3):
+        raise ValueError(
+            f"the labels layer must be 2-D (Y, X) or a stack of planes (Z, Y, X); it is {lshape}"
+        )
+    stack = len(lshape) == 3
+
+    def without(axis: int) -> tuple[int, ...]:
+        return ishape[:axis] + ishape[axis + 1 :]
+
+    if channel_axis == "auto":
+        if ishape == lshape:
+            return None, stack
+        if len(ishape) == len(lshape) + 1:
+            candidates = [a for a in range(len(ishape)) if without(a) == lshape]
+            if rgb and (len(ishape) - 1) in candidates:
+                return len(ishape) - 1, stack
+            if candidates:
+                return candidates[0], stack
+        raise ValueError(
+            f"the labels layer {lshape} does not match the image {ishape}: the labels must have "
+            "the image's shape without its channel axis. Pick the matching labels layer or set "
+            "the channel axis."
+        )
+    if channel_axis == "none":
+        if ishape != lshape:
+            raise ValueError(
+                f"the labels layer {lshape} does not match the image {ishape} (channel axis: none)"
+            )
+        return None, stack
+    axis = int(channel_axis)
+    if not -len(ishape) <= axis < len(ishape):
+        raise ValueError(f"channel axis {axis} does not exist in an image of shape {ishape}")
+    axis %= len(ishape)
+    if without(axis) != lshape:
+        raise ValueError(
+            f"the labels layer {lshape} does not match the image {ishape} without channel "
+            f"axis {axis} ({without(axis)})"
+        )
+    return axis, stack
+
+
+def to_tiles(images: np.ndarray, ncols: int, pad: int = 2) -> np.ndarray:
+    """A display montage of ``(N, C, S, S)`` crops (grey, or RGB for 2-3 channels)."""
+    from ..figures import montage
+
+    return montage(np.asarray(images, np.float32), ncols=ncols, pad=pad, fill=0.0)
+
+
+def place_beside(viewer: Any, anchor: Layer, ndim: int, gap: float = 16.0) -> tuple[float, ...]:
+    """A translate that puts a new result montage right of ``anchor`` (the cell image), below
+    the montages already there, so results never hide the data."""
+    ext = np.asarray(anchor.extent.world, dtype=float)
+    top, right = ext[0, -2], ext[1, -1] + gap
+    for ly in viewer.layers:
+        if ly.metadata.get("mevae_beside"):
+            top = max(top, float(np.asarray(ly.extent.world)[1, -2]) + gap)
+    return (0.0,) * (ndim - 2) + (top, right)
+
+
+def _replace_or_add(
+    viewer: Any,
+    name: str,
+    kind: type[Layer],
+    data: np.ndarray,
+    anchor: Layer | None = None,
+    **kwargs: Any,
+):
+    if name in viewer.layers:
+        layer = viewer.layers[name]
+        same = (
+            isinstance(layer, kind)
+            and layer.data.ndim == np.ndim(data)
+            and getattr(layer, "rgb", False) == kwargs.get("rgb", getattr(layer, "rgb", False))
+        )
+        if same:
+            layer.data = data
+            for key in ("scale", "translate"):
+                if key in kwargs:
+                    setattr(layer, key, kwargs[key])
+            if "metadata" in kwargs:
+                layer.metadata = {**layer.metadata, **kwargs["metadata"]}
+            if isinstance(layer, Image) and not layer.rgb:
+                layer.reset_contrast_limits()
+            return layer
+        viewer.layers.remove(layer)
+    if anchor is not None and anchor in viewer.layers and "translate" not in kwargs:
+        ndim = np.ndim(data) - (1 if kwargs.get("rgb") else 0)
+        kwargs["translate"] = place_beside(viewer, anchor, ndim)
+        kwargs["metadata"] = {**kwargs.get("metadata", {}), "mevae_beside": True}
+    add = viewer.add_image if kind is Image else viewer.add_labels
+    return add(data, name=name, **kwargs)
+
+
+def show_image(viewer: Any, name: str, data: np.ndarray, **kwargs: Any) -> Image:
+    """Put ``data`` in the Image layer ``name``: update it in place when it exists (keeps the
+    user's display settings and position), add it otherwise (beside ``anchor`` when given).
+    RGB when the last axis has 3 values."""
+    data = np.asarray(data)
+    kwargs.setdefault("rgb", data.ndim >= 3 and data.shape[-1] == 3)
+    return _replace_or_add(viewer, name, Image, data, **kwargs)
+
+
+def show_labels(viewer: Any, name: str, data: np.ndarray, **kwargs: Any) -> Labels:
+    """Like :func:`show_image` for a Labels layer."""
+    return _replace_or_add(viewer, name, Labels, np.asarray(data), **kwargs)

@@ -1,0 +1,177 @@
+"""Small matplotlib canvases embedded in the dock: the live loss curve and the clickable UMAP
+scatter.  Drawing only; the numbers come from the core."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+from matplotlib.figure import Figure
+
+__all__ = ["LossPlot", "ScatterPlot"]
+
+
+def _style(fig: Figure) -> None:
+    fig.patch.set_facecolor("#262930")  # napari dark theme background
+
+
+def _style_axes(ax: Any) -> None:
+    ax.set_facecolor("#262930")
+    for spine in ax.spines.values():
+        spine.set_color("#a0a0a0")
+    ax.tick_params(colors="#d0d0d0", labelsize=7)
+    ax.xaxis.label.set_color("#d0d0d0")
+    ax.yaxis.label.set_color("#d0d0d0")
+    ax.title.set_color("#e0e0e0")
+
+
+class LossPlot(FigureCanvasQTAgg):
+    """Loss per step (thin) and per epoch (dots), x in epochs.  Redraws at most a few times a
+    second so a fast training loop never floods the GUI thread."""
+
+    def __init__(self) -> None:
+        fig = Figure(figsize=(3.5, 2.0), dpi=90, layout="tight")
+        _style(fig)
+        super().__init__(fig)
+        self.ax = fig.add_subplot(111)
+        self.steps_x: list[float] = []
+        self.steps_y: list[float] = []
+        self.epochs_x: list[float] = []
+        self.epochs_y: list[float] = []
+        self._last_draw = 0.0
+        self.setMinimumHeight(150)
+        self.redraw(force=True)
+
+    def clear(self) -> None:
+        self.steps_x.clear()
+        self.steps_y.clear()
+        self.epochs_x.clear()
+        self.epochs_y.clear()
+        self.redraw(force=True)
+
+    def set_history(self, history: list[dict[str, Any]]) -> None:
+        """Show a past run (a checkpoint's history) as the starting point."""
+        self.clear()
+        for h in history:
+            if not h.get("partial"):
+                self.epochs_x.append(float(h["epoch"]))
+                self.epochs_y.append(float(h["loss"]))
+        self.redraw(force=True)
+
+    def add_step(self, x: float, loss: float) -> None:
+        self.steps_x.append(x)
+        self.steps_y.append(loss)
+        self.redraw()
+
+    def add_epoch(self, epoch: float, loss: float) -> None:
+        self.epochs_x.append(epoch)
+        self.epochs_y.append(loss)
+        self.redraw(force=True)
+
+    def redraw(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_draw < 0.3:
+            return
+        self._last_draw = now
+        ax = self.ax
+        ax.clear()
+        _style_axes(ax)
+        if self.steps_x:
+            ax.plot(self.steps_x, self.steps_y, color="#6fa8dc", lw=0.8, alpha=0.7, label="step")
+        if self.epochs_x:
+            ax.plot(
+                self.epochs_x, self.epochs_y, "o-", color="#f6b26b", ms=3, lw=1.2, label="epoch"
+            )
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.set_ylabel("loss", fontsize=8)
+        if self.steps_x or self.epochs_x:
+            ax.legend(fontsize=7, loc="upper right", frameon=False, labelcolor="#d0d0d0")
+        self.draw_idle()
+
+
+class ScatterPlot(FigureCanvasQTAgg):
+    """UMAP of the cells coloured by cluster; a click picks the nearest cell and calls
+    ``on_pick(row)``, so the user can jump from the plot to the cell in the image."""
+
+    def __init__(self, on_pick: Callable[[int], None] | None = None) -> None:
+        fig = Figure(figsize=(3.5, 3.0), dpi=90, layout="tight")
+        _style(fig)
+        super().__init__(fig)
+        self.ax = fig.add_subplot(111)
+        self.on_pick = on_pick
+        self.xy = np.zeros((0, 2), np.float32)
+        self.colors = np.zeros(0, np.int32)
+        self.selected: int | None = None
+        self.setMinimumHeight(220)
+        self.mpl_connect("button_press_event", self._on_click)
+        self.redraw()
+
+    def set_points(self, xy: np.ndarray, clusters: np.ndarray, title: str = "") -> None:
+        self.xy = np.asarray(xy, np.float32)
+        self.colors = np.asarray(clusters)
+        self.selected = None
+        self._title = title
+        self.redraw()
+
+    def select(self, row: int | None) -> None:
+        self.selected = row
+        self.redraw()
+
+    def nearest(self, x: float, y: float) -> int | None:
+        """Row of the point nearest to ``(x, y)`` in data units, within 5 % of the plot span."""
+        if len(self.xy) == 0 or x is None or y is None:
+            return None
+        span = np.ptp(self.xy, axis=0)
+        span[span == 0] = 1.0
+        d = np.hypot((self.xy[:, 0] - x) / span[0], (self.xy[:, 1] - y) / span[1])
+        row = int(np.argmin(d))
+        return row if d[row] < 0.05 else None
+
+    def _on_click(self, event: Any) -> None:
+        if event.inaxes is not self.ax:
+            return
+        row = self.nearest(event.xdata, event.ydata)
+        if row is not None and self.on_pick is not None:
+            self.on_pick(row)
+
+    def redraw(self) -> None:
+        ax = self.ax
+        ax.clear()
+        _style_axes(ax)
+        if len(self.xy):
+            sc = ax.scatter(
+                self.xy[:, 0], self.xy[:, 1], c=self.colors, cmap="tab10", s=14, vmin=0, vmax=9
+            )
+            ids = np.unique(self.colors)
+            if len(ids) <= 10:
+                handles, _ = sc.legend_elements()
+                values = [int(v) for v in np.unique(self.colors)]
+                ax.legend(
+                    handles,
+                    [f"cluster {v}" if v else "unassigned" for v in values][: len(handles)],
+                    fontsize=6,
+                    loc="best",
+                    frameon=False,
+                    labelcolor="#d0d0d0",
+                )
+            if self.selected is not None and 0 <= self.selected < len(self.xy):
+                px, py = self.xy[self.selected]
+                ax.scatter([px], [py], s=120, facecolors="none", edgecolors="white", lw=1.5)
+            ax.set_title(getattr(self, "_title", ""), fontsize=8)
+        else:
+            ax.text(
+                0.5,
+                0.5,
+                "encode cells to see the latent space",
+                ha="center",
+                va="center",
+                color="#a0a0a0",
+                fontsize=8,
+                transform=ax.transAxes,
+            )
+        ax.set_xlabel("UMAP0", fontsize=8)
+        ax.set_ylabel("UMAP1", fontsize=8)
+        self.draw_idle()

@@ -1,0 +1,177 @@
+"""End to end through the dock on the synthetic sample: cells -> train -> analyse -> export."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+from napari.layers import Image, Labels
+from widget_helpers import LABELS, N_CELLS, wait_idle
+
+from napari_mevae._widgets._main import PAIRS_LAYER, TRAIN_RECON_LAYER, TRAVERSAL_LAYER
+
+
+def _train(qtbot, widget, epochs: int = 1):
+    widget.model_panel.epochs.setValue(epochs)
+    worker = widget.model_panel.train()
+    assert worker is not None, widget.status.text()
+    wait_idle(qtbot, widget, timeout=180_000)
+    return worker
+
+
+def test_full_flow(extracted, qtbot, tmp_path, notes):
+    viewer, widget = extracted
+    s = widget.session
+    n = len(s.cells.crops)
+    assert n == N_CELLS
+    assert s.cells.crops.shape[1:] == (2, 32, 32)  # (C,Y,X) image: channel axis 0 found
+    assert "cells cropped" in widget.cells_panel.summary.text()
+
+    # preview pairs: one row per cell, K=2 inputs + target, side by side
+    assert widget.cells_panel.preview_pairs(n=4) is not None
+    wait_idle(qtbot, widget)
+    qtbot.waitUntil(lambda: PAIRS_LAYER in viewer.layers, timeout=60_000)
+    pairs = viewer.layers[PAIRS_LAYER]
+    assert isinstance(pairs, Image)
+    assert pairs.data.shape[1] > 3 * 32 and pairs.data.shape[0] > 4 * 32  # 3 columns, 4 rows
+
+    # train one short epoch: loss curve, training reconstructions, a model kept
+    _train(qtbot, widget, epochs=1)
+    assert not notes["error"], notes["error"]
+    assert s.model is not None
+    assert s.model.config.n_encoders == 2
+    assert s.model.config.image_size == 32 and s.model.config.channels == 2
+    assert widget.model_panel.loss_plot.epochs_y and np.isfinite(
+        widget.model_panel.loss_plot.epochs_y[-1]
+    )
+    assert TRAIN_RECON_LAYER in viewer.layers
+    assert "1 epoch(s) trained" in widget.model_panel.status.text()
+
+    # encode -> reconstruct -> UMAP -> cluster (chained workers)
+    a = widget.analyse_panel
+    a.n_clusters.setValue(3)
+    assert a.encode() is not None
+    wait_idle(qtbot, widget, timeout=240_000)
+    assert not notes["error"], notes["error"]
+    assert s.table is not None
+    labels = viewer.layers[LABELS]
+    feats = labels.features
+    for col in ["index", "label", "plane", "centroid_y", "centroid_x", "cluster", "UMAP0", "UMAP1"]:
+        assert col in feats.columns, col
+    assert [f"z{i}" for i in range(8)] == [c for c in feats.columns if c.startswith("z")]
+    assert len(feats) == n
+    assert (feats["index"] == feats["label"]).all()
+    assert set(feats["cluster"]) <= {1, 2, 3}
+    assert "true_class" in feats.columns  # the sample's ground truth survived the update
+    kept = s.cells.kept
+    assert np.array_equal(feats["label"].to_numpy(), kept["label"].to_numpy())
+
+    clusters = viewer.layers[f"{LABELS} clusters"]
+    assert isinstance(clusters, Labels)
+    assert clusters.data.shape == labels.data.shape
+    for lab, cl in zip(feats["label"][:5], feats["cluster"][:5], strict=True):
+        assert set(np.unique(clusters.data[labels.data == lab])) == {cl}
+    assert (clusters.data[labels.data == 0] == 0).all()
+    recon = viewer.layers[f"{LABELS} reconstructions"]
+    assert recon.data.shape[0] == n  # one reconstruction per cell (RGB display of 2 channels)
+
+    # a clustering that cannot work fails in its worker with a clear message; nothing changes
+    a.n_clusters.setValue(99)
+    assert a.cluster() is not None
+    wait_idle(qtbot, widget)
+    assert "cannot make 99 clusters" in notes["error"][-1]
+    assert labels.features.equals(feats)
+    notes["error"].clear()
+    a.n_clusters.setValue(3)
+
+    # the scatter: a click next to a point selects that cell in the viewer
+    sc = a.scatter
+    assert len(sc.xy) == n
+    row = 2
+    x, y = sc.xy[row]
+    sc._on_click(SimpleNamespace(inaxes=sc.ax, xdata=float(x), ydata=float(y)))
+    assert labels.selected_label == int(feats["label"][row])
+    assert labels.show_selected_label
+    assert np.allclose(
+        viewer.scene.camera.center[-2:], feats.loc[row, ["centroid_y", "centroid_x"]], atol=1
+    )
+    labels.show_selected_label = False
+
+    # latent traversal of one dimension
+    walk = a.show_traversal(dim=1)
+    assert walk.shape == (a.steps.value(), 2, 32, 32)
+    assert TRAVERSAL_LAYER in viewer.layers
+
+    # export: CSV read back, cluster TIFF
+    csv = widget.export_panel.export_csv(tmp_path / "features.csv")
+    df = pd.read_csv(csv)
+    assert len(df) == n
+    assert (df["source_image"] == "synthetic cells").all()
+    assert (df["source_labels"] == LABELS).all()
+    assert np.allclose(df["z0"], feats["z0"], atol=1e-5)
+    assert np.array_equal(df["cluster"], feats["cluster"])
+    tif = widget.export_panel.export_clusters_tiff(tmp_path / "clusters.tif")
+    import tifffile
+
+    assert np.array_equal(tifffile.imread(tif), clusters.data)
+
+    # checkpoint round trip gives the same encodings
+    latents = s.latents.copy()
+    ckpt = widget.model_panel.save_checkpoint(tmp_path / "model.pt")
+    assert ckpt.is_file()
+    widget.model_panel.latent.setValue(4)  # the loaded model's settings win
+    assert widget.model_panel.load_checkpoint(ckpt)
+    assert widget.model_panel.latent.value() == 8
+    assert "loaded from model.pt" in widget.model_panel.status.text()
+    a.umap_chk.setChecked(False)
+    assert a.encode() is not None
+    wait_idle(qtbot, widget)
+    assert np.allclose(s.latents, latents, atol=1e-5)
+
+    # "train more" continues the loaded model
+    widget.model_panel.continue_chk.setChecked(True)
+    before = s.model
+    _train(qtbot, widget, epochs=1)
+    assert not notes["error"], notes["error"]
+    assert s.model is before
+    assert "2 epoch(s) trained" in widget.model_panel.status.text()
+
+    # a picture of the result, not blank
+    shot = tmp_path / "screenshot.png"
+    img = viewer.screenshot(str(shot), canvas_only=True)
+    assert shot.is_file()
+    assert img.std() > 0
+
+
+def test_stop_keeps_model(extracted, qtbot, tmp_path, notes):
+    viewer, widget = extracted
+    m = widget.model_panel
+    m.epochs.setValue(200)
+    m.batch.setValue(2)  # many steps: the stop lands mid-run
+    m.autosave.setText(str(tmp_path / "run"))
+    steps: list = []
+    worker = m.train()
+    worker.yielded.connect(lambda msg: steps.append(msg[0]))
+    qtbot.waitUntil(lambda: steps.count("step") >= 2, timeout=60_000)
+    m.stop()
+    wait_idle(qtbot, widget)
+    assert steps.count("step") < 200 * 5  # stopped long before the end
+    assert steps[-1] == "end"
+    assert widget.session.model is not None
+    assert widget.session.model is m.job.model
+    assert any("stopped" in t for t in notes["info"])
+    assert (tmp_path / "run" / "models" / "checkpoint.pt").is_file()
+    assert m.train_btn.isEnabled() and not m.stop_btn.isEnabled()
+
+
+@pytest.mark.parametrize("model_type", ["VAE", "beta-VAE"])
+def test_baselines_train(extracted, qtbot, notes, model_type):
+    viewer, widget = extracted
+    widget.model_panel.type_combo.setCurrentText(model_type)
+    _train(qtbot, widget, epochs=1)
+    assert not notes["error"], notes["error"]
+    cfg = widget.session.model.config
+    assert cfg.n_encoders == 1
+    assert (cfg.beta > 1) == (model_type == "beta-VAE")
