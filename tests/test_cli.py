@@ -282,3 +282,251 @@ def test_documented_reference_command_runs_as_a_program(lincs64, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "epoch 1/1" in proc.stderr and "outputs written" in proc.stderr
     assert pd.read_csv(tmp_path / "Outputs" / "encodings.csv").shape == (64, 33)
+
+
+@pytest.fixture(scope="module")
+def segmented(tmp_path_factory):
+    from napari_mevae.synthetic import make_synthetic_cells
+
+    root = tmp_path_factory.mktemp("seg")
+    syn = make_synthetic_cells(n_cells=40, shape=(320, 320), channels=2, seed=3)
+    tifffile.imwrite(root / "image.tif", syn.image)
+    tifffile.imwrite(root / "labels.tif", syn.labels)
+    return root, syn
+
+
+def test_pairs_then_train_from_pairs_and_from_targets(segmented, tmp_path):
+    root, syn = segmented
+    out = tmp_path / "pairs"
+    assert (
+        main(
+            [
+                "pairs",
+                "--image",
+                str(root / "image.tif"),
+                "--labels",
+                str(root / "labels.tif"),
+                "--out",
+                str(out),
+                "--size",
+                "32",
+                "--channel-axis",
+                "0",
+                "--scale",
+                "fit",
+                "--verbose",
+                "0",
+            ]
+        )
+        == 0
+    )
+    cells = pd.read_csv(out / "cells.csv")
+    assert len(cells) == len(syn.classes)
+    kept = cells[cells["skip_reason"].isna() | (cells["skip_reason"] == "")]
+    assert len(kept) >= 30
+    for col in (
+        "filename",
+        "label",
+        "centroid_y",
+        "centroid_x",
+        "area",
+        "orientation",
+        "skip_reason",
+    ):
+        assert col in cells.columns
+    for folder in ("InputImages1", "InputImages2", "OutputImages"):
+        files = sorted((out / folder / "train").glob("*.tif"))
+        assert len(files) == len(kept)
+        assert tifffile.imread(files[0]).shape == (2, 32, 32)
+    common = [
+        "--image_size",
+        "32",
+        "--nchannel",
+        "2",
+        "--latent_dim",
+        "8",
+        "--inter_dim",
+        "32",
+        "--batch_size",
+        "16",
+        "--epochs",
+        "1",
+        "--verbose",
+        "0",
+        "--seed",
+        "0",
+    ]
+    run1 = tmp_path / "run1"
+    assert (
+        main(
+            [
+                "train",
+                "--data_dir",
+                str(out / "InputImages1"),
+                "--input2_dir",
+                str(out / "InputImages2"),
+                "--out1_dir",
+                str(out / "OutputImages"),
+                "--save_dir",
+                str(run1),
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert pd.read_csv(run1 / "encodings.csv").shape == (len(kept), 9)
+    run2 = tmp_path / "run2"
+    assert (
+        main(
+            [
+                "train",
+                "--targets",
+                str(out / "OutputImages"),
+                "--nuisances",
+                "rotation,polarity,scale",
+                "--save_dir",
+                str(run2),
+                *common,
+            ]
+        )
+        == 0
+    )
+    cfg = load_checkpoint(run2).config
+    assert cfg.n_encoders == 3 and cfg.nuisances == ["rotation", "polarity", "scale"]
+    for name in [*REFERENCE_OUTPUTS, "input3_images.png", "models/encoder3.pt"]:
+        assert (run2 / name).is_file(), name
+    # resume from the save_dir: epochs continue
+    assert (
+        main(
+            [
+                "train",
+                "--targets",
+                str(out / "OutputImages"),
+                "--nuisances",
+                "rotation,polarity,scale",
+                "--save_dir",
+                str(run2),
+                "--checkpoint",
+                str(run2),
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert load_checkpoint(run2).epoch == 2
+    assert (run2 / "training.log").read_text().splitlines()[1:] and len(
+        (run2 / "training.log").read_text().splitlines()
+    ) == 3
+    report = tmp_path / "report.json"
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(run2),
+                "--targets",
+                str(out / "OutputImages"),
+                "--out",
+                str(report),
+            ]
+        )
+        == 0
+    )
+    import json
+
+    values = json.loads(report.read_text())
+    assert 0 <= values["rotation_leakage"] <= 1 and 0 <= values["polarity_leakage"] <= 1
+
+
+def test_targets_from_a_crops_file_lazily(tmp_path):
+    from napari_mevae.store import write_crops
+    from napari_mevae.synthetic import synthetic_crops
+
+    crops, _ = synthetic_crops(n=48, size=32, channels=1, seed=0)
+    path = write_crops(tmp_path / "crops.npy", crops, dtype="uint8")
+    out = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train",
+                "--targets",
+                str(path),
+                "--save_dir",
+                str(out),
+                "--image_size",
+                "32",
+                "--latent_dim",
+                "8",
+                "--batch_size",
+                "16",
+                "--epochs",
+                "1",
+                "--verbose",
+                "0",
+                "--num_workers",
+                "1",
+            ]
+        )
+        == 0
+    )
+    enc = pd.read_csv(out / "encodings.csv")
+    assert enc.shape == (48, 9) and enc["filename"].iloc[3] == "crops[3]"
+    assert (
+        main(
+            [
+                "train",
+                "--targets",
+                str(path),
+                "--save_dir",
+                str(out),
+                "--image_size",
+                "64",
+                "--verbose",
+                "0",
+            ]
+        )
+        == 2
+    )
+
+
+def test_pairs_with_no_usable_cell_is_a_clear_error(tmp_path, capsys):
+    tifffile.imwrite(
+        tmp_path / "img.tif", np.random.default_rng(0).random((64, 64)).astype(np.float32)
+    )
+    tifffile.imwrite(tmp_path / "lab.tif", np.zeros((64, 64), np.int32))
+    assert (
+        main(
+            [
+                "pairs",
+                "--image",
+                str(tmp_path / "img.tif"),
+                "--labels",
+                str(tmp_path / "lab.tif"),
+                "--out",
+                str(tmp_path / "o"),
+                "--verbose",
+                "0",
+            ]
+        )
+        == 2
+    )
+    assert "no cells" in capsys.readouterr().err
+    lab = np.zeros((50, 50), np.int32)
+    tifffile.imwrite(tmp_path / "lab2.tif", lab)
+    assert (
+        main(
+            [
+                "pairs",
+                "--image",
+                str(tmp_path / "img.tif"),
+                "--labels",
+                str(tmp_path / "lab2.tif"),
+                "--out",
+                str(tmp_path / "o"),
+                "--verbose",
+                "0",
+            ]
+        )
+        == 2
+    )
+    assert "shape" in capsys.readouterr().err
