@@ -121,6 +121,11 @@ def test_full_flow(extracted, qtbot, tmp_path, notes):
     latents = s.latents.copy()
     ckpt = widget.model_panel.save_checkpoint(tmp_path / "model.pt")
     assert ckpt.is_file()
+    from napari_mevae.training import load_checkpoint
+
+    saved = load_checkpoint(ckpt)
+    assert saved.optimizer_state and saved.optimizer_state["state"]  # "train more" resumes RMSprop
+    assert saved.epoch == 1 and saved.extra["cells"]["size"] == 32
     widget.model_panel.latent.setValue(4)  # the loaded model's settings win
     assert widget.model_panel.load_checkpoint(ckpt)
     assert widget.model_panel.latent.value() == 8

@@ -85,7 +85,7 @@ def make_dataset(crops: np.ndarray, nuisances: Sequence[str], baseline: bool, se
     from .. import transforms
 
     if baseline:
-        if nuisances and hasattr(transforms, "NuisanceAutoencode"):
+        if nuisances:
             return transforms.NuisanceAutoencode(crops, list(nuisances), seed=seed)
         import torch
         from torch.utils.data import TensorDataset

@@ -659,6 +659,7 @@ class ModelPanel(_Panel):
                 epoch=done,
                 history=s.history,
                 extra=extra,
+                optimizer_state=s.optimizer_state,
             )
         except OSError as err:
             self.error(f"Cannot save the checkpoint: {err}")
