@@ -218,10 +218,12 @@ def save_checkpoint(
     epoch: int = 0,
     history: Iterable[dict[str, float]] = (),
     extra: dict[str, Any] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write weights + config atomically (temp file + rename) and a readable config JSON beside.
 
-    ``path`` is a ``.pt`` file or a directory (then ``<dir>/checkpoint.pt``)."""
+    ``path`` is a ``.pt`` file or a directory (then ``<dir>/checkpoint.pt``).  The optimizer
+    state comes from ``optimizer`` or, when only its state is at hand, ``optimizer_state``."""
     path = Path(path)
     if path.suffix != ".pt":
         path = path / CHECKPOINT_NAME
@@ -231,7 +233,7 @@ def save_checkpoint(
         "version": CHECKPOINT_VERSION,
         "config": model_config(model).to_dict(),
         "model": state,
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "optimizer": optimizer.state_dict() if optimizer is not None else optimizer_state,
         "epoch": int(epoch),
         "history": [dict(h) for h in history],
         "extra": dict(extra or {}),
