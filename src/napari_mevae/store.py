@@ -73,6 +73,8 @@ class CropStore:
     """Lazy ``(N, C, S, S)`` float32 array view of a crops ``.npy`` file (see module doc)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
+        self._fd: int | None = None
+        self._pid = -1
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"crops file not found: {self.path}")
@@ -95,8 +97,6 @@ class CropStore:
         self.shape = tuple(int(s) for s in shape)
         self.dtype = dtype
         self.item_bytes = int(np.prod(self.shape[1:])) * dtype.itemsize
-        self._fd: int | None = None
-        self._pid = -1
 
     def _handle(self) -> int:
         if self._fd is None or self._pid != os.getpid():  # re-open in worker processes
