@@ -85,8 +85,9 @@ def _add_data_args(p: argparse.ArgumentParser, train: bool) -> None:
         g.add_argument("--out1_dir", help="targets: the corrected cells (e.g. OutputImages/)")
         g.add_argument(
             "--targets",
-            help="train from a folder of canonical crops with fresh random nuisances every epoch "
-            "(instead of --data_dir/--input2_dir/--out1_dir)",
+            help="train from canonical crops (a folder of images, or a .npy crops file read "
+            "lazily) with fresh random nuisances every epoch, instead of "
+            "--data_dir/--input2_dir/--out1_dir",
         )
         g.add_argument(
             "--nuisances",
@@ -136,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mevae",
         description="Multi-Encoder VAE features for single-cell images (napari-mevae).",
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"napari-mevae {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train (or, with --phase load, encode with) an ME-VAE")
