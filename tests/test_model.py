@@ -106,3 +106,23 @@ def test_all_zero_images_give_finite_loss():
     out = model(torch.zeros(2, 2, 1, 32, 32))
     terms = model.loss(out, torch.zeros(2, 1, 32, 32))
     assert torch.isfinite(terms["loss"])
+
+
+def test_in_place_relu_gives_the_same_gradients_as_out_of_place():
+    torch.manual_seed(0)
+    model = MEVAE(preset("tiny", n_encoders=2))
+    x, target = torch.rand(3, 2, 1, 32, 32), torch.rand(3, 1, 32, 32)
+
+    def grads(m):
+        torch.manual_seed(1)
+        m.zero_grad(set_to_none=True)
+        m.loss(m(x), target)["loss"].backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    in_place = grads(model)
+    assert any(isinstance(m, torch.nn.ReLU) and m.inplace for m in model.modules())
+    for m in model.modules():
+        if isinstance(m, torch.nn.ReLU):
+            m.inplace = False
+    out_of_place = grads(model)
+    assert all(torch.equal(in_place[n], out_of_place[n]) for n in in_place)

@@ -219,3 +219,108 @@ def test_options_and_device_validation():
         Trainer(preset("tiny"), Blobs(), TrainOptions(batch_size=0))
     with pytest.raises(ValueError, match="empty"):
         Trainer(preset("tiny"), Blobs(n=0), TrainOptions())
+
+
+# -- performance paths (docs/benchmarks.md, "Training throughput") ---------------------------
+class BlobsWithBatches(Blobs):
+    """The same data, plus ``get_batch``: the trainer takes its whole-batch fast path."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batches_fetched = 0
+
+    def get_batch(self, indices):
+        self.batches_fetched += 1
+        idx = np.asarray(indices)
+        return torch.from_numpy(self.inputs[idx]), torch.from_numpy(self.targets[idx])
+
+
+def test_get_batch_fast_path_trains_exactly_like_the_dataloader():
+    def run(ds):
+        opts = TrainOptions(epochs=2, batch_size=6, seed=3)  # 32 items: a short last batch
+        t = Trainer(preset("tiny"), ds, opts)
+        losses = [r.loss for r in t.run() if r.kind == "step"]
+        return losses, t.model_unwrapped.state_dict()
+
+    slow_losses, slow_state = run(Blobs())
+    fast = BlobsWithBatches()
+    fast_losses, fast_state = run(fast)
+    assert fast.batches_fetched == 2 * 6  # ceil(32 / 6) batches per epoch, no per-item collate
+    assert fast_losses == slow_losses
+    assert all(torch.equal(slow_state[k], fast_state[k]) for k in slow_state)
+
+
+def test_batch_loader_matches_dataloader_batches_for_tensor_datasets():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from napari_mevae.training import EpochSampler, _BatchLoader
+
+    ds = TensorDataset(torch.arange(23.0)[:, None], torch.arange(23) * 2)
+    sampler = EpochSampler(23, seed=5, rank=1, world=2)
+    sampler.set_epoch(4)
+    fast = list(_BatchLoader(ds, sampler, 4))
+    slow = list(DataLoader(ds, batch_size=4, sampler=sampler))
+    assert len(fast) == len(slow) == len(_BatchLoader(ds, sampler, 4)) == 3
+    for (a, b), (c, d) in zip(fast, slow, strict=True):
+        assert torch.equal(a, c) and torch.equal(b, d)
+
+
+def test_folder_pairs_get_batch_equals_stacked_items(tmp_path):
+    from napari_mevae.folders import FolderPairs, write_image
+
+    rng = np.random.default_rng(0)
+    dirs = [tmp_path / name for name in ("in1", "in2", "out")]
+    for d in dirs:
+        for i in range(5):
+            write_image(d / f"cell_{i}.tif", rng.uniform(0.1, 1, (16, 16)))
+    for in_memory in (True, False):
+        ds = FolderPairs(dirs[:2], dirs[2], image_size=16, in_memory=in_memory)
+        idx = torch.tensor([3, 0, 4])
+        inputs, target = ds.get_batch(idx)
+        assert inputs.shape == (3, 2, 1, 16, 16) and target.shape == (3, 1, 16, 16)
+        assert inputs.dtype == target.dtype == torch.float32
+        assert torch.equal(inputs, torch.stack([ds[i][0] for i in (3, 0, 4)]))
+        assert torch.equal(target, torch.stack([ds[i][1] for i in (3, 0, 4)]))
+
+
+def test_malloc_tuning_is_scoped_to_the_run():
+    import napari_mevae.training as tr
+
+    trainer = Trainer(preset("tiny"), Blobs(n=8), TrainOptions(epochs=1, batch_size=4, seed=0))
+    gen = trainer.run()
+    next(gen)
+    if tr.sys.platform.startswith("linux"):
+        assert tr._malloc_users == 1  # tuned while the run is live
+    gen.close()  # the consumer stops early: still restored
+    assert tr._malloc_users == 0
+    trainer = Trainer(preset("tiny"), Blobs(n=8), TrainOptions(epochs=1, batch_size=4, seed=0))
+    trainer.train()
+    assert tr._malloc_users == 0
+
+
+def test_bf16_option_trains_with_float32_weights():
+    from napari_mevae.training import bf16_supported
+
+    ds = Blobs()
+    opts = TrainOptions(epochs=4, batch_size=8, learn_rate=2e-3, seed=1, bf16=True)
+    trainer = Trainer(preset("tiny", latent_dim=4), ds, opts)
+    assert trainer._bf16 == bf16_supported(trainer.device)
+    reports = list(trainer.run())
+    epochs = [r.loss for r in reports if r.kind == "epoch"]
+    assert all(math.isfinite(v) for v in epochs) and epochs[-1] < epochs[0]
+    assert all(p.dtype == torch.float32 for p in trainer.model_unwrapped.parameters())
+
+
+@pytest.mark.slow
+def test_compile_option_matches_eager_training():
+    def losses(compile_):
+        opts = TrainOptions(epochs=1, batch_size=8, seed=2, compile=compile_)
+        # epsilon_std=0: inductor draws its own random numbers, so compare without sampling
+        t = Trainer(preset("tiny", epsilon_std=0.0), Blobs(n=20), opts)  # 8, 8, then 4 eagerly
+        return [r.loss for r in t.run() if r.kind == "step"], t
+
+    eager, _ = losses(False)
+    compiled, trainer = losses(True)
+    assert trainer._forward_loss is not trainer._eager_forward_loss
+    assert len(compiled) == len(eager) == 3
+    assert compiled == pytest.approx(eager, rel=1e-4)

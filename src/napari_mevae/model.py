@@ -155,7 +155,12 @@ class Encoder(nn.Module):
         pad = cfg.kernel_size // 2
         for i in range(cfg.nlayers):
             out_ch = cfg.nfilters * 2**i
-            layers += [nn.Conv2d(in_ch, out_ch, cfg.kernel_size, stride=2, padding=pad), nn.ReLU()]
+            # in-place ReLU: a conv's backward needs its input, never its output, so
+            # overwriting the output saves one activation-sized allocation per layer
+            layers += [
+                nn.Conv2d(in_ch, out_ch, cfg.kernel_size, stride=2, padding=pad),
+                nn.ReLU(inplace=True),
+            ]
             in_ch = out_ch
         self.convs = nn.Sequential(*layers)
         flat = in_ch * cfg.bottleneck_size**2
@@ -186,7 +191,7 @@ class Decoder(nn.Module):
                 nn.ConvTranspose2d(
                     in_ch, out_ch, cfg.kernel_size, stride=2, padding=pad, output_padding=1
                 ),
-                nn.ReLU(),
+                nn.ReLU(inplace=True),
             ]
             in_ch = out_ch
         layers.append(nn.ConvTranspose2d(in_ch, cfg.channels, cfg.kernel_size, padding=pad))

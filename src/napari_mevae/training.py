@@ -7,11 +7,14 @@ closing the generator) and always leaves a usable model and, with a ``save_dir``
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
 import random
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Generator, Iterable
 from dataclasses import asdict, dataclass, field
@@ -22,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .model import MEVAE, MEVAEConfig
+from .model import MEVAE, MEVAEConfig, VAEOutput
 
 __all__ = [
     "TrainOptions",
@@ -68,6 +71,16 @@ class TrainOptions:
     shuffle: bool = True
     channels_last: bool = True
     distributed: bool = False
+    # Performance knobs (see docs/benchmarks.md, "Training throughput"):
+    # compile: torch.compile the model (inductor); pays only for long runs (compile takes ~1 min).
+    compile: bool = False
+    # bf16: bfloat16 autocast for the forward pass where the CPU/GPU runs bf16 natively
+    # (float32 master weights and loss); ignored where unsupported.
+    bf16: bool = False
+    # tune_malloc: on Linux/glibc, keep large freed blocks in the heap while training instead of
+    # returning them to the OS, so the per-step activations are not page-faulted in again
+    # every step; restored (and the memory released) when training ends.
+    tune_malloc: bool = True
 
     def validate(self) -> None:
         if self.epochs < 0:
@@ -312,6 +325,91 @@ def model_config(model: torch.nn.Module) -> MEVAEConfig:
     return _unwrap(model).config
 
 
+# -- performance helpers ---------------------------------------------------------------------
+class _BatchLoader:
+    """Whole batches straight from an in-memory data set, instead of a DataLoader collating
+    ``batch`` single items: ``dataset.get_batch(indices)`` or, for a ``TensorDataset``, its
+    tensors indexed at once.  Same batches, in the same order, as
+    ``DataLoader(dataset, batch_size, sampler=sampler, drop_last=False)``."""
+
+    def __init__(self, dataset: Any, sampler: Sampler[int], batch_size: int) -> None:
+        self.dataset, self.sampler, self.batch_size = dataset, sampler, batch_size
+
+    @staticmethod
+    def supports(dataset: Any) -> bool:
+        return callable(getattr(dataset, "get_batch", None)) or isinstance(
+            dataset, torch.utils.data.TensorDataset
+        )
+
+    def fetch(self, indices: torch.Tensor):
+        get_batch = getattr(self.dataset, "get_batch", None)
+        if callable(get_batch):
+            return get_batch(indices)
+        return tuple(t[indices] for t in self.dataset.tensors)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size)  # type: ignore[arg-type]
+
+    def __iter__(self):
+        # a DataLoader iterator draws its base seed from the global generator: draw it too, so
+        # the model's sampling noise (and so every loss) is the same on both paths
+        torch.empty((), dtype=torch.int64).random_()
+        order = torch.as_tensor(list(self.sampler), dtype=torch.long)
+        for start in range(0, len(order), self.batch_size):
+            yield self.fetch(order[start : start + self.batch_size])
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+_GLIBC_DEFAULT_THRESHOLD = 128 * 1024
+_malloc_lock = threading.Lock()
+_malloc_users = 0
+
+
+def _tune_malloc() -> Any:
+    """Keep big freed blocks in the heap for the duration of training (glibc only).
+
+    By default glibc serves every block above 128 KiB-32 MiB with a fresh mmap and gives it
+    back on free, so each training step page-faults all its activations in again (tens of
+    thousands of faults per step at batch 10, S=128: ~10% of the step).  Returns a callable
+    that restores glibc's defaults and releases the cached memory, or None if not applicable.
+    """
+    global _malloc_users
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl...)
+        return None
+    with _malloc_lock:
+        if _malloc_users == 0:
+            if not (mallopt(_M_MMAP_THRESHOLD, 1 << 30) or mallopt(_M_MMAP_THRESHOLD, 32 << 20)):
+                return None
+            mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+        _malloc_users += 1
+
+    def restore() -> None:
+        global _malloc_users
+        with _malloc_lock:
+            _malloc_users -= 1
+            if _malloc_users == 0:
+                mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
+                mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
+                malloc_trim(0)
+
+    return restore
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Native bfloat16 compute: oneDNN with avx512_bf16/AMX on CPU, bf16-capable GPUs."""
+    if device.type == "cpu":
+        mkldnn = torch.backends.mkldnn
+        return bool(mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return False
+
+
 # -- the trainer -----------------------------------------------------------------------------
 class Trainer:
     """Trains an :class:`MEVAE` on a dataset of ``(inputs (K,C,S,S), target (C,S,S))`` items.
@@ -383,6 +481,10 @@ class Trainer:
         )
         self._stop = False
         self.last_checkpoint: Path | None = None
+        self._bf16 = self.options.bf16 and bf16_supported(self.device)
+        self._forward_loss = (
+            torch.compile(self._eager_forward_loss) if self.options.compile else None
+        ) or self._eager_forward_loss
 
     def _init_distributed(self) -> None:
         import torch.distributed as dist
@@ -435,10 +537,12 @@ class Trainer:
         )
         return self.last_checkpoint
 
-    def _loader(self, epoch: int) -> DataLoader:
+    def _loader(self, epoch: int) -> Iterable:
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
         self.sampler.set_epoch(epoch)
+        if self.options.num_workers == 0 and _BatchLoader.supports(self.dataset):
+            return _BatchLoader(self.dataset, self.sampler, self.options.batch_size // self.world)
         return DataLoader(
             self.dataset,
             batch_size=self.options.batch_size // self.world,
@@ -455,9 +559,27 @@ class Trainer:
             t = t.contiguous(memory_format=torch.channels_last)
         return t
 
+    def _eager_forward_loss(
+        self, inputs: torch.Tensor, target: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._bf16):
+            out = self.model(inputs)
+        if self._bf16:  # the loss in float32, whatever the forward ran in
+            out = VAEOutput(*(t.float() for t in (out.recon_logits, out.means, out.logvars, out.z)))
+        return _unwrap(self.model).loss(out, target)
+
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> Generator[TrainReport, None, MEVAE]:
         """Train, yielding a report per step, one per epoch and a final ``end`` report."""
+        tuned = self.options.tune_malloc and self.device.type == "cpu"
+        restore = _tune_malloc() if tuned else None
+        try:
+            return (yield from self._run())
+        finally:
+            if restore is not None:
+                restore()
+
+    def _run(self) -> Generator[TrainReport, None, MEVAE]:
         opts = self.options
         total_epochs = self.start_epoch + opts.epochs
         good_state = _copy_state(self.model)
@@ -481,14 +603,21 @@ class Trainer:
                 for step, (inputs, target) in enumerate(loader):
                     t0 = time.perf_counter()
                     inputs, target = inputs.to(self.device).float(), self._to_device(target)
-                    out = self.model(inputs)
-                    terms = _unwrap(self.model).loss(out, target)
+                    # a compiled step is specialised to the full batch: the short last batch
+                    # of an epoch runs eagerly instead of triggering a second compilation
+                    full = target.shape[0] == opts.batch_size // self.world
+                    step_fn = self._forward_loss if full else self._eager_forward_loss
+                    terms = step_fn(inputs, target)
                     loss = terms["loss"]
-                    if not torch.isfinite(loss):
+                    # one host read for the three numbers (and the finiteness check)
+                    vals = np.array(
+                        torch.stack([loss, terms["recon"], terms["kl"]]).detach().tolist()
+                    )
+                    if not math.isfinite(vals[0]):
                         self.model.load_state_dict(good_state)
                         self._finish()
                         raise TrainingDiverged(
-                            f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                            f"loss became {vals[0]} at epoch {epoch + 1}, step {step + 1}; "
                             "training stopped and the last good weights were kept "
                             f"({'checkpoint ' + str(self.last_checkpoint) if self.last_checkpoint else 'in memory'}). "
                             "Try a lower learning rate or check the images for NaN/inf pixels."
@@ -497,7 +626,6 @@ class Trainer:
                     loss.backward()
                     self.optimizer.step()
                     n = target.shape[0]
-                    vals = np.array([loss.item(), terms["recon"].item(), terms["kl"].item()])
                     sums += vals * n
                     seen += n
                     dt = max(time.perf_counter() - t0, 1e-9)
