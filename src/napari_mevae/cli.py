@@ -130,6 +130,14 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="read images from disk as needed instead of loading them all (large data sets)",
     )
+    g.add_argument(
+        "--compile", action="store_true", help="torch.compile the model (pays on long runs)"
+    )
+    g.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bfloat16 autocast where the CPU/GPU runs it natively (float32 weights and loss)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -464,6 +472,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         save_dir=save_dir if rank == 0 else None,
         num_workers=args.num_workers,
         distributed=args.distributed or world > 1,
+        compile=args.compile,
+        bf16=args.bf16,
     )
     trainer = Trainer(config, data.dataset, opts, resume=ckpt)
     if rank == 0:
