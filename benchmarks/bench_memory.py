@@ -66,12 +66,23 @@ def child(path: str, steps: int, out_csv: str) -> None:
     t_train = time.perf_counter() - t0
     names = [str(i) for i in range(len(store))]
     t0 = time.perf_counter()
-    write_encodings_csv(Path(out_csv), names, trainer.model_unwrapped, store, verbose=0, batch_size=512)
+    write_encodings_csv(
+        Path(out_csv), names, trainer.model_unwrapped, store, verbose=0, batch_size=512
+    )
     t_enc = time.perf_counter() - t0
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(json.dumps({"peak_rss_mb": own, "peak_worker_rss_mb": kids, "train_s": t_train,
-                      "encode_s": t_enc, "cells_per_s": len(store) / t_enc}))
+    print(
+        json.dumps(
+            {
+                "peak_rss_mb": own,
+                "peak_worker_rss_mb": kids,
+                "train_s": t_train,
+                "encode_s": t_enc,
+                "cells_per_s": len(store) / t_enc,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -95,8 +106,17 @@ def main() -> None:
             make_file(path, n)
             t_make = time.perf_counter() - t0
             proc = subprocess.run(
-                [sys.executable, __file__, "--child", str(path), str(args.steps), str(Path(tmp) / "enc.csv")],
-                capture_output=True, text=True, check=True,
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    str(path),
+                    str(args.steps),
+                    str(Path(tmp) / "enc.csv"),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
             )
             res = json.loads(proc.stdout.strip().splitlines()[-1])
             res.update(cells=n, file_mb=path.stat().st_size / 2**20, factor=factor, make_s=t_make)
@@ -115,11 +135,17 @@ def main() -> None:
         "|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['cells']:,} | {r['file_mb']:.0f} | {r['factor']:g} | {r['peak_rss_mb']:.0f} | "
-                     f"{r['peak_worker_rss_mb']:.0f} | {r['cells_per_s']:.0f} |")
+        lines.append(
+            f"| {r['cells']:,} | {r['file_mb']:.0f} | {r['factor']:g} | {r['peak_rss_mb']:.0f} | "
+            f"{r['peak_worker_rss_mb']:.0f} | {r['cells_per_s']:.0f} |"
+        )
     growth = rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]
-    lines += ["", f"Peak memory grows {growth:.2f}x while the data grows "
-              f"{rows[-1]['cells'] / rows[0]['cells']:.0f}x: it stays flat.", ""]
+    lines += [
+        "",
+        f"Peak memory grows {growth:.2f}x while the data grows "
+        f"{rows[-1]['cells'] / rows[0]['cells']:.0f}x: it stays flat.",
+        "",
+    ]
     text = "\n".join(lines)
     print(text)
     out = ROOT / "docs" / "benchmarks_memory.md"

@@ -424,7 +424,6 @@ def write_run_outputs(save_dir: Path, model, data: TrainData, args: argparse.Nam
 # -- commands ----------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
     from .training import (
-        CheckpointError,
         Trainer,
         TrainingDiverged,
         TrainOptions,
@@ -537,7 +536,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         write_run_outputs(save_dir, trainer.model_unwrapped, data, args)
         _say(args, f"outputs written to {save_dir}")
     trainer.close()
-    del CheckpointError
     return 0
 
 
