@@ -202,3 +202,20 @@ def test_export_names_and_missing_folders(tmp_path):
         export_pairs(targets, tmp_path / "b", names=["x", "x", "y"])
     with pytest.raises(FileNotFoundError, match="InputImages1"):
         read_pairs(tmp_path / "missing")
+
+
+def test_pose_is_rotation_with_optional_mirror(crops):
+    x = torch.from_numpy(crops[0])
+    pose = NUISANCES["pose"].apply
+    rot = NUISANCES["rotation"].apply
+    torch.testing.assert_close(pose(x, 30.0), rot(x, 30.0))
+    torch.testing.assert_close(pose(x, 360.0 + 30.0), rot(torch.flip(x, dims=(-1,)), 30.0))
+    torch.testing.assert_close(pose(x, 0.0), x)
+    with pytest.raises(ValueError, match="720"):
+        pose(x, 720.0)
+    params = [NUISANCES["pose"].draw(np.random.default_rng(i)) for i in range(200)]
+    assert all(0 <= p < 720 for p in params)
+    assert 0.3 < np.mean([p >= 360 for p in params]) < 0.7  # mirrored about half the time
+    ds = NuisancePairs(crops, "pose,polarity", return_params=True)
+    inputs, target, params = ds[0]
+    assert inputs.shape == (2, *target.shape)

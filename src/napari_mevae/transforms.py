@@ -135,6 +135,23 @@ def zoom(img: torch.Tensor, factor: float) -> torch.Tensor:
     return _affine(img, theta)
 
 
+@_numpy_too
+def pose(img: torch.Tensor, param: float) -> torch.Tensor:
+    """Rotation with an optional mirror, as the LINCS reference's ``InputImages1`` (rotated,
+    sometimes mirrored cells): ``param`` in [0, 360) rotates counter-clockwise by that many
+    degrees; ``param`` in [360, 720) mirrors left-right first, then rotates by ``param - 360``."""
+    param = float(param)
+    if not 0.0 <= param < 720.0:
+        raise ValueError(f"pose parameter must be in [0, 720), got {param}")
+    if param >= 360.0:
+        img, param = torch.flip(img, dims=(-1,)), param - 360.0
+    return rotate(img, param)
+
+
+def _draw_pose(rng: np.random.Generator) -> float:
+    return float(rng.uniform(0.0, 360.0) + 360.0 * int(rng.integers(0, 2)))
+
+
 def _draw_angle(rng: np.random.Generator) -> float:
     return float(rng.uniform(0.0, 360.0))
 
@@ -179,6 +196,8 @@ def register_nuisance(
 register_nuisance("rotation", _draw_angle, rotate, 0.0)
 register_nuisance("polarity", _draw_flip, flip, 0)
 register_nuisance("scale", _draw_zoom, zoom, 1.0)
+# rotation + random mirror: the whole O(2) orbit of the cell, what the reference's encoder 1 saw
+register_nuisance("pose", _draw_pose, pose, 0.0)
 
 
 def get_nuisances(names: str | Nuisance | Sequence[str | Nuisance]) -> list[Nuisance]:
