@@ -184,31 +184,17 @@ def lincs(a: argparse.Namespace, work: Path) -> dict[str, dict]:
     return results
 
 
-def principal(z: np.ndarray, keep: float = 0.99) -> np.ndarray:
-    """The latents projected on the principal components holding ``keep`` of their variance:
-    what variance-weighted analyses (UMAP, k-means on raw latents) actually see."""
-    zc = z - z.mean(0)
-    _, s, vt = np.linalg.svd(zc, full_matrices=False)
-    frac = np.cumsum(s**2) / max(float((s**2).sum()), 1e-30)
-    k = int(np.searchsorted(frac, keep) + 1)
-    return zc @ vt[:k].T
-
-
 def subspace_leakage(model, crops: np.ndarray, seed: int) -> dict[str, float]:
-    """Rotation / polarity leakage as in ``invariance_report`` (same draws), measured on the
-    99 %-variance principal subspace of the latents instead of standardised latents."""
-    from napari_mevae.analysis import angle_leakage, discrete_leakage, encode
-    from napari_mevae.transforms import draw_and_apply
+    """Rotation / polarity leakage on the 99 %-variance principal subspace of the latents (same
+    draws as ``invariance_report``, which computes them)."""
+    from napari_mevae.analysis import invariance_report
 
-    rng = np.random.default_rng(seed)
-    rotated, angles = draw_and_apply(crops, "rotation", rng)
-    flipped, flips = draw_and_apply(crops, "polarity", rng)
-    z_rot, z_flip = encode(model, rotated), encode(model, flipped)
+    rep = invariance_report(model, crops, seed=seed)
     return {
-        "rotation_leakage_pc99": angle_leakage(principal(z_rot), angles, seed=seed),
-        "polarity_leakage_pc99": discrete_leakage(principal(z_flip), flips, seed=seed),
-        "n_pc99_rot": principal(z_rot).shape[1],
-        "active_dims": int((z_rot.std(0) > 0.1).sum()),
+        "rotation_leakage_pc99": rep["rotation_leakage_pc99"],
+        "polarity_leakage_pc99": rep["polarity_leakage_pc99"],
+        "n_pc99_rot": int(rep["pc99_dims"]),
+        "active_dims": int(rep["active_dims"]),
     }
 
 

@@ -146,6 +146,18 @@ def test_features_table_paint_and_csv(tmp_path):
         features_table(cells, z[:2])
 
 
+def test_principal_subspace_keeps_the_variance_that_matters():
+    from napari_mevae.analysis import principal_subspace
+
+    rng = np.random.default_rng(0)
+    z = np.column_stack(
+        [rng.normal(0, 10, 200), rng.normal(0, 5, 200), rng.normal(0, 1e-3, (200, 6))]
+    )
+    pc = principal_subspace(z)
+    assert pc.shape == (200, 2)
+    np.testing.assert_allclose(pc.var(0).sum(), z.var(0).sum(), rtol=1e-4)
+
+
 def test_pixel_correlation():
     rng = np.random.default_rng(0)
     a = rng.random((5, 1, 8, 8))
@@ -175,7 +187,19 @@ def test_invariance_report_on_a_model(model):
 
     crops = np.random.default_rng(0).random((40, 2, 32, 32), dtype=np.float32)
     report = invariance_report(model, crops, classes=np.repeat([0, 1], 20))
-    for key in ("rotation_leakage", "polarity_leakage", "content_kept", "reconstruction_corr", "nmi", "purity"):
+    for key in (
+        "rotation_leakage",
+        "polarity_leakage",
+        "content_kept",
+        "reconstruction_corr",
+        "nmi",
+        "purity",
+        "rotation_leakage_pc99",
+        "polarity_leakage_pc99",
+        "pc99_dims",
+        "active_dims",
+    ):
         assert key in report and np.isfinite(report[key])
+    assert 1 <= report["pc99_dims"] <= 8
     assert 0 <= report["rotation_leakage"] <= 1 and 0 <= report["polarity_leakage"] <= 1
     assert report["n_cells"] == 40

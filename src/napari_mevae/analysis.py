@@ -33,6 +33,7 @@ __all__ = [
     "invariance_report",
     "content_kept",
     "cell_descriptors",
+    "principal_subspace",
     "cluster_agreement",
 ]
 
@@ -441,6 +442,16 @@ def content_kept(latents: np.ndarray, crops: np.ndarray, folds: int = 5, seed: i
     return float(np.clip(r2.mean(), 0.0, 1.0))
 
 
+def principal_subspace(latents: np.ndarray, keep: float = 0.99) -> np.ndarray:
+    """The latents projected on the principal components that hold ``keep`` of their variance:
+    what variance-weighted analyses (UMAP, k-means, distances on raw latents) actually see."""
+    zc = np.asarray(latents, np.float64) - np.mean(latents, axis=0)
+    _, s, vt = np.linalg.svd(zc, full_matrices=False)
+    frac = np.cumsum(s**2) / max(float((s**2).sum()), 1e-30)
+    k = min(int(np.searchsorted(frac, keep) + 1), len(s))
+    return zc @ vt[:k].T
+
+
 def invariance_report(
     model: MEVAE,
     crops: np.ndarray,
@@ -457,6 +468,10 @@ def invariance_report(
 
     - ``rotation_leakage``: cross-validated R^2 of (cos, sin) of the angle from the latents;
     - ``polarity_leakage``: cross-validated balanced accuracy of the flip above chance;
+    - the same two on the principal subspace holding 99 % of the latent variance
+      (``*_pc99``, ``pc99_dims`` components): the probes above standardise every dimension, so
+      they also read nuisance left in dimensions the model has all but switched off, which
+      UMAP, clustering and distances never see; ``active_dims`` counts dimensions with std > 0.1;
     - ``content_kept``: R^2 of invariant cell descriptors from the latents of the rotated cells;
     - ``reconstruction_corr``: pixel correlation of the model's output (from the rotated and
       flipped cell) with the canonical cell (1 for a model that fully corrects the pose);
@@ -471,9 +486,14 @@ def invariance_report(
     both, _ = draw_and_apply(rotated, "polarity", rng)
     z_rot = encode(model, rotated, batch_size=batch_size)
     z_flip = encode(model, flipped, batch_size=batch_size)
+    pc_rot, pc_flip = principal_subspace(z_rot), principal_subspace(z_flip)
     report = {
         "rotation_leakage": angle_leakage(z_rot, angles, seed=seed),
         "polarity_leakage": discrete_leakage(z_flip, flips, seed=seed),
+        "rotation_leakage_pc99": angle_leakage(pc_rot, angles, seed=seed),
+        "polarity_leakage_pc99": discrete_leakage(pc_flip, flips, seed=seed),
+        "pc99_dims": float(pc_rot.shape[1]),
+        "active_dims": float((z_rot.std(0) > 0.1).sum()),
         "content_kept": content_kept(z_rot, crops, seed=seed),
         "reconstruction_corr": pixel_correlation(reconstruct(model, both, batch_size), crops),
         "n_cells": float(len(crops)),
