@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import resource
 import subprocess
 import sys
@@ -26,6 +25,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from _docs import replace_section  # benchmarks/ is on sys.path when run as a script
 
 SIDE, PITCH, CROP = 2048, 24, 32
 STAGES = ("crop", "encode", "umap", "cluster", "csv")
@@ -139,17 +140,6 @@ def ratios(rows: list[dict[str, float]]) -> str:
         + ", ".join(parts)
         + f"; whole pipeline x{last['total'] / first['total']:.1f}."
     )
-
-
-def replace_section(doc: Path, title: str, body: str) -> None:
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    section = f"## {title}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
-    else:
-        text = text.rstrip() + "\n\n" + section
-    doc.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:

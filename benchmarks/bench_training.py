@@ -35,9 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _docs import replace_section  # benchmarks/ is on sys.path when run as a script
+
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Training throughput"
+NOTES_MARKER = "<!-- training-throughput-notes -->"
 LATENT = 32
 
 
@@ -328,20 +331,9 @@ def report(rows, extra_rows, peak, args, rounds, block_s) -> str:
 
 
 def write_doc(section: str, path: Path = DOC) -> None:
-    """Replace (or add) the Training throughput section, leaving other sections alone."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    notes_marker = "<!-- training-throughput-notes -->"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    match = pattern.search(text)
-    notes = ""
-    if match and notes_marker in match.group(0):
-        notes = match.group(0)[match.group(0).index(notes_marker) :].rstrip() + "\n"
-    new = section + ("\n" + notes if notes else "") + "\n"
-    text = (
-        text[: match.start()] + new + text[match.end() :] if match else text.rstrip() + "\n\n" + new
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    """Replace (or add) the Training throughput section, keeping its notes block."""
+    body = section.split("\n", 1)[1]  # the section text starts with its own heading
+    replace_section(path, SECTION[3:], body, keep_from=re.escape(NOTES_MARKER))
 
 
 def main(argv=None) -> int:

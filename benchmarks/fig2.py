@@ -40,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _docs import replace_section  # benchmarks/ is on sys.path when run as a script
+
 ROOT = Path(__file__).resolve().parents[1]
 ZIPS = ROOT.parent / "shared" / "data" / "lincs_example"
 FOLDERS = ("InputImages1", "InputImages2", "OutputImages")
@@ -319,22 +321,6 @@ def synthetic_table(res: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
-def replace_section(doc: Path, title: str, body: str) -> None:
-    """Replace (or append) the ``## title`` section of ``doc``, leaving the others alone."""
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    section = f"## {title}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
-    old = pattern.search(text)
-    notes = old and re.search(r"^### What the numbers say.*", old.group(0), re.S | re.M)
-    if notes:  # the hand-written reading of the results survives a re-run
-        section += "\n" + notes.group(0).strip() + "\n"
-    if old:
-        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
-    else:
-        text = text.rstrip() + "\n\n" + section
-    doc.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data", help="folder with InputImages1/2, OutputImages (default: unzip)")
@@ -413,7 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     (work / "fig2.md").write_text(text)
     if a.write_doc:
-        replace_section(Path(a.write_doc), "Fig. 2 reproduction", text)
+        replace_section(
+            Path(a.write_doc), "Fig. 2 reproduction", text, keep_from=r"^### What the numbers say"
+        )
     return 0
 
 
