@@ -314,6 +314,7 @@ def test_pairs_then_train_from_pairs_and_from_targets(segmented, tmp_path):
                 "0",
                 "--scale",
                 "fit",
+                "--npy",
                 "--verbose",
                 "0",
             ]
@@ -338,6 +339,12 @@ def test_pairs_then_train_from_pairs_and_from_targets(segmented, tmp_path):
         files = sorted((out / folder / "train").glob("*.tif"))
         assert len(files) == len(kept)
         assert tifffile.imread(files[0]).shape == (2, 32, 32)
+    from napari_mevae.cells import CellCrops
+
+    store, table = CellCrops.open(out / "crops.npy")  # the same canonical crops in one file
+    assert store.shape == (len(kept), 2, 32, 32) and len(table) == len(cells)
+    target0 = tifffile.imread(sorted((out / "OutputImages" / "train").glob("*.tif"))[0]) / 255
+    assert np.abs(store[0] - target0).max() < 1 / 255 + 1e-3
     common = [
         "--image_size",
         "32",

@@ -14,9 +14,11 @@ No Qt / napari imports here.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -70,6 +72,23 @@ class CellCrops:
     def skip_summary(self) -> dict[str, int]:
         """``{reason: count}`` of the skipped cells, for messages."""
         return {str(k): int(v) for k, v in self.skipped["skip_reason"].value_counts().items()}
+
+    def save(self, path: str | os.PathLike, dtype: str = "float16") -> Path:
+        """Write the crops as a ``.npy`` crops file (read lazily by ``store.CropStore`` and
+        ``mevae train --targets FILE.npy``) and the table beside it as ``<name>.csv``."""
+        from .store import write_crops
+
+        path = write_crops(Path(path), self.crops, dtype=dtype)
+        self.table.to_csv(path.with_suffix(".csv"), index=False)
+        return path
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> tuple[Any, pd.DataFrame]:
+        """A saved crops file, lazily (``CropStore``), and its table."""
+        from .store import CropStore
+
+        path = Path(path)
+        return CropStore(path), pd.read_csv(path.with_suffix(".csv"), keep_default_na=False)
 
 
 # -- input checking ---------------------------------------------------------------------------

@@ -191,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--border", choices=("drop", "pad"), default="drop", help="cells touching the border"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--npy",
+        action="store_true",
+        help="also write DIR/crops.npy (+ crops.csv): the canonical crops in one file, read "
+        "lazily by `mevae train --targets DIR/crops.npy` (for data sets larger than memory)",
+    )
     p.add_argument("--verbose", type=int, default=1)
 
     p = sub.add_parser("evaluate", help="invariance report: rotation/polarity left in the latents")
@@ -608,6 +614,8 @@ def cmd_pairs(args: argparse.Namespace) -> int:
     kept = table["crop_index"] >= 0
     table.loc[kept, "filename"] = [Path(files[i]).name for i in table.loc[kept, "crop_index"]]
     table.to_csv(out / "cells.csv", index=False)
+    if args.npy:
+        cells.save(out / "crops.npy")
     _say(
         args,
         f"{int(kept.sum())} cells cropped ({int((~kept).sum())} skipped) -> {out}; "
