@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -256,28 +257,17 @@ def _model_config(args: argparse.Namespace, n_encoders: int, nuisances: list[str
     )
 
 
+@dataclass
 class TrainData:
     """What a training run reads: a dataset for the trainer, arrays for encoding and grids."""
 
-    def __init__(
-        self,
-        dataset: Any,
-        filenames: list[str],
-        names: list[str],
-        encode_inputs: Any,
-        grid_inputs: list[np.ndarray],
-        targets: np.ndarray,
-        n_encoders: int,
-        nuisances: list[str],
-    ) -> None:
-        self.dataset = dataset
-        self.filenames = filenames
-        self.names = names
-        self.encode_inputs = encode_inputs  # (N, K, C, S, S) or (N, C, S, S)
-        self.grid_inputs = grid_inputs
-        self.targets = targets
-        self.n_encoders = n_encoders
-        self.nuisances = nuisances
+    dataset: Any
+    filenames: list[str]  # rows of filenames.csv / encodings.csv
+    encode_inputs: Any  # (N, K, C, S, S) or (N, C, S, S)
+    grid_inputs: list[np.ndarray]
+    targets: np.ndarray
+    n_encoders: int
+    nuisances: list[str]
 
 
 def open_targets(
@@ -320,7 +310,7 @@ def load_train_data(args: argparse.Namespace, n_encoders_hint: int | None = None
         from .transforms import NuisancePairs, get_nuisances
 
         names = [n.name for n in get_nuisances(args.nuisances)]
-        crops, filenames, stems = open_targets(args.targets, size, channels, args.lazy)
+        crops, filenames, _ = open_targets(args.targets, size, channels, args.lazy)
         if baseline:
             from .transforms import NuisanceAutoencode
 
@@ -337,7 +327,7 @@ def load_train_data(args: argparse.Namespace, n_encoders_hint: int | None = None
         first = range(min(64, len(ds)))
         grid = [np.stack([ds[i][0][j].numpy() for i in first]) for j in range(k)]
         targets = np.stack([np.asarray(crops[i]) for i in first])
-        return TrainData(ds, filenames, stems, crops, grid, targets, k, names)
+        return TrainData(ds, filenames, crops, grid, targets, k, names)
 
     dirs = _input_dirs(args)
     if not dirs:
@@ -358,7 +348,7 @@ def load_train_data(args: argparse.Namespace, n_encoders_hint: int | None = None
             f"the checkpoint's model has K={n_encoders_hint} encoders but {k} input folder(s) were given"
         )
     grid = [ds.inputs_array(j)[:64] for j in range(k)]
-    return TrainData(ds, ds.filenames, ds.names, ds.pairs_array(), grid, ds.targets_array(), k, [])
+    return TrainData(ds, ds.filenames, ds.pairs_array(), grid, ds.targets_array(), k, [])
 
 
 def write_encodings_csv(
@@ -462,7 +452,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         return 0
 
-    rank, world = _dist_rank_world(args)
+    rank, world = _dist_rank_world()
     config = ckpt.config if ckpt else _model_config(args, data.n_encoders, data.nuisances)
     if ckpt is not None and args.beta is not None:
         config.beta = args.beta
@@ -702,7 +692,8 @@ def _device(args: argparse.Namespace):
     return select_device(getattr(args, "device", "auto"))
 
 
-def _dist_rank_world(args: argparse.Namespace) -> tuple[int, int]:
+def _dist_rank_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (set by torchrun; 0 and 1 otherwise)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     return rank, world

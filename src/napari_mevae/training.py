@@ -8,7 +8,6 @@ closing the generator) and always leaves a usable model and, with a ``save_dir``
 from __future__ import annotations
 
 import ctypes
-import json
 import math
 import os
 import random
@@ -17,7 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Generator, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -674,11 +673,11 @@ class Trainer:
                     break
         except GeneratorExit:
             # The consumer closed us (e.g. a napari worker quit): keep what was learned.
-            self._final_save(epoch, partial=True)
+            self.save(self._completed_epochs())
             self._finish()
             raise
-        done_epoch = len([h for h in self.history if not h.get("partial")])
-        ckpt = self._final_save(epoch, partial=reason == "stopped")
+        done_epoch = self._completed_epochs()
+        ckpt = self.save(done_epoch)
         msg = {
             "done": f"training finished after {done_epoch} epoch(s)",
             "early_stop": f"early stop: loss did not improve for {opts.patience} epochs",
@@ -727,11 +726,9 @@ class Trainer:
             entry["partial"] = True
         self.history.append(entry)
 
-    def _final_save(self, epoch: int, partial: bool) -> Path | None:
-        # the epoch counter in a checkpoint counts completed epochs only, so resume redoes
-        # a partial one
-        del epoch, partial
-        return self.save(len([h for h in self.history if not h.get("partial")]))
+    def _completed_epochs(self) -> int:
+        """Epochs run to the end: a checkpoint's epoch counter, so resume redoes a partial one."""
+        return len([h for h in self.history if not h.get("partial")])
 
     def train(self) -> MEVAE:
         """Run to the end without reporting (library use)."""
@@ -745,11 +742,3 @@ class Trainer:
 
 def _copy_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def history_json(history: list[dict[str, float]]) -> str:
-    return json.dumps(history, indent=2)
-
-
-def report_dict(report: TrainReport) -> dict[str, Any]:
-    return asdict(report)
