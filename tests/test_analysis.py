@@ -76,6 +76,10 @@ def test_leakage_metrics_detect_signal_and_its_absence():
     onehot = np.eye(4)[flips] + rng.normal(0, 0.1, (400, 4))
     assert discrete_leakage(onehot, flips) > 0.9
     assert discrete_leakage(clean, flips) < 0.1
+    # an axis (angle modulo 180): invisible to the angle probe, seen by the harmonic-2 probe
+    axis = np.column_stack([np.cos(2 * rad), np.sin(2 * rad), rng.normal(size=(400, 6))])
+    assert angle_leakage(axis, angles) < 0.05
+    assert angle_leakage(axis, angles, harmonic=2) > 0.95
 
 
 def test_clustering_methods_recover_separated_groups():
@@ -203,3 +207,37 @@ def test_invariance_report_on_a_model(model):
     assert 1 <= report["pc99_dims"] <= 8
     assert 0 <= report["rotation_leakage"] <= 1 and 0 <= report["polarity_leakage"] <= 1
     assert report["n_cells"] == 40
+    assert 0 <= report["rotation_leakage_2x"] <= 1
+    # two encoders without recorded nuisances: the reference's convention, rotation + polarity
+    assert 0 <= report["paired_rotation_leakage"] <= 1
+    assert 0 <= report["paired_polarity_leakage"] <= 1
+
+
+def test_paired_inputs_give_each_encoder_its_own_nuisance():
+    from napari_mevae.analysis import encoder_nuisances, paired_inputs
+    from napari_mevae.transforms import apply_nuisance
+
+    crops = np.random.default_rng(1).random((6, 1, 32, 32), dtype=np.float32)
+    inputs, angles, flips = paired_inputs(
+        crops, ["polarity", "pose", "scale"], np.random.default_rng(0)
+    )
+    assert inputs.shape == (6, 3, 1, 32, 32)
+    for i in range(6):
+        np.testing.assert_allclose(inputs[i, 0], apply_nuisance("polarity", crops[i], flips[i]))
+        np.testing.assert_allclose(
+            inputs[i, 1], apply_nuisance("rotation", crops[i], angles[i]), atol=1e-6
+        )
+    assert not np.allclose(inputs[:, 2], crops)  # the scale encoder got zoomed cells
+    _, no_angles, only_flips = paired_inputs(crops, ["polarity"], np.random.default_rng(0))
+    assert no_angles is None and only_flips.shape == (6,)
+    torch.manual_seed(0)
+    vae = MEVAE(preset("tiny", n_encoders=1))
+    mevae3 = MEVAE(preset("tiny", n_encoders=3))
+    fresh = MEVAE(preset("tiny", n_encoders=2, nuisances=["pose", "polarity"]))
+    assert encoder_nuisances(fresh) == ["pose", "polarity"]
+    assert encoder_nuisances(mevae3) is None
+    from napari_mevae.analysis import invariance_report
+
+    one = invariance_report(vae, crops[:, :1].repeat(5, 0), seed=0)
+    assert one["paired_rotation_leakage"] == one["rotation_leakage"]
+    assert "paired_rotation_leakage" not in invariance_report(mevae3, crops.repeat(5, 0))

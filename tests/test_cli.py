@@ -537,3 +537,22 @@ def test_pairs_with_no_usable_cell_is_a_clear_error(tmp_path, capsys):
         == 2
     )
     assert "shape" in capsys.readouterr().err
+
+
+def test_kl_warmup_flag_reaches_the_trainer(lincs64, tmp_path, monkeypatch):
+    from napari_mevae import training
+
+    seen = []
+    original = training.Trainer.__init__
+
+    def spy(self, model, dataset, options=None, resume=None):
+        seen.append(options)
+        original(self, model, dataset, options, resume)
+
+    monkeypatch.setattr(training.Trainer, "__init__", spy)
+    out = tmp_path / "warm"
+    argv = ["train", *pair_args(lincs64), "--save_dir", str(out), "--epochs", "1", *SMALL]
+    assert main([*argv, "--kl_warmup", "3"]) == 0
+    assert seen[-1].kl_warmup == 3.0
+    assert main([*argv, "--phase", "train"]) == 0  # default: off, as the reference
+    assert seen[-1].kl_warmup == 0.0

@@ -209,6 +209,42 @@ def test_early_stopping_with_patience():
     assert len([r for r in reports if r.kind == "epoch"]) == 3  # 1 best + 2 without improvement
 
 
+def test_kl_warmup_ramps_the_kl_weight_and_delays_early_stopping():
+    cfg = preset("tiny", latent_dim=4, beta=2.0)
+    opts = TrainOptions(epochs=3, batch_size=8, seed=0, kl_warmup=2, earlystop=False)
+    trainer = Trainer(cfg, Blobs(), opts)
+    assert [trainer.kl_ramp(e) for e in (0, 0.5, 1, 2, 5)] == [0.0, 0.25, 0.5, 1.0, 1.0]
+    steps = [r for r in trainer.run() if r.kind == "step"]
+    # the reported loss is the one optimised: recon + beta * ramp * kl, ramp per step
+    for i, r in enumerate(steps):
+        ramp = min(1.0, (i // 4 + (i % 4) / 4) / 2)
+        assert r.loss == pytest.approx(r.recon + 2.0 * ramp * r.kl, rel=1e-5)
+    assert steps[0].loss == pytest.approx(steps[0].recon, rel=1e-6)  # epoch 0 starts at 0
+    assert steps[0].kl > 0
+    # without warm-up the same seed optimises the full loss from the first step
+    plain = Trainer(cfg, Blobs(), TrainOptions(epochs=1, batch_size=8, seed=0, earlystop=False))
+    first = next(r for r in plain.run() if r.kind == "step")
+    assert first.loss == pytest.approx(first.recon + 2.0 * first.kl, rel=1e-5)
+    # early stopping ignores the ramp epochs, whose loss rises by design
+    stopper = Trainer(
+        cfg,
+        Blobs(),
+        TrainOptions(
+            epochs=50,
+            batch_size=8,
+            learn_rate=1e-12,
+            patience=2,
+            seed=0,
+            min_delta=1e6,
+            kl_warmup=4,
+        ),
+    )
+    epochs = [r for r in stopper.run() if r.kind == "epoch"]
+    assert len(epochs) == 4 + 3  # 4 ramp epochs, then 1 best + 2 without improvement
+    with pytest.raises(ValueError, match="kl_warmup"):
+        TrainOptions(kl_warmup=-1).validate()
+
+
 def test_options_and_device_validation():
     assert select_device("auto").type in ("cpu", "cuda", "mps")
     assert select_device("cpu").type == "cpu"

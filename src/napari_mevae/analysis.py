@@ -31,6 +31,8 @@ __all__ = [
     "latent_traversal",
     "export_features_csv",
     "invariance_report",
+    "encoder_nuisances",
+    "paired_inputs",
     "content_kept",
     "cell_descriptors",
     "principal_subspace",
@@ -321,16 +323,22 @@ def export_features_csv(
 
 # -- invariance metrics ------------------------------------------------------------------------
 def angle_leakage(
-    latents: np.ndarray, angles_deg: np.ndarray, folds: int = 5, seed: int = 0
+    latents: np.ndarray,
+    angles_deg: np.ndarray,
+    folds: int = 5,
+    seed: int = 0,
+    harmonic: int = 1,
 ) -> float:
     """Cross-validated R^2 of predicting (cos, sin) of the angle from the latents, clipped to
-    0..1: 0 means no rotation information left in the features."""
+    0..1: 0 means no rotation information left in the features.  ``harmonic=2`` probes
+    (cos 2a, sin 2a) instead: the orientation of an axis, defined modulo 180 degrees, which a
+    probe of the angle itself can miss."""
     from sklearn.linear_model import RidgeCV
     from sklearn.model_selection import KFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    rad = np.deg2rad(np.asarray(angles_deg, dtype=float))
+    rad = np.deg2rad(np.asarray(angles_deg, dtype=float)) * harmonic
     y = np.stack([np.cos(rad), np.sin(rad)], axis=1)
     model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13)))
     cv = KFold(n_splits=folds, shuffle=True, random_state=seed)
@@ -452,6 +460,49 @@ def principal_subspace(latents: np.ndarray, keep: float = 0.99) -> np.ndarray:
     return zc @ vt[:k].T
 
 
+ROTATION_LIKE = ("rotation", "pose")
+
+
+def encoder_nuisances(model: MEVAE) -> list[str] | None:
+    """The nuisance each encoder was trained to remove: from the config (``--targets``
+    training), else the reference's convention for two encoders (InputImages1 = rotation,
+    InputImages2 = polarity); ``None`` when unknown."""
+    cfg = model.config
+    if cfg.nuisances and len(cfg.nuisances) == cfg.n_encoders:
+        return list(cfg.nuisances)
+    if cfg.n_encoders == 2:
+        return ["rotation", "polarity"]
+    return None
+
+
+def paired_inputs(
+    crops: np.ndarray, nuisances: list[str], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Encoder inputs ``(N, K, C, S, S)`` as in training: encoder k sees the cell under its own
+    nuisance, freshly drawn.  Rotation-like encoders share one uniform angle per cell, polarity
+    encoders one flip; returns the inputs, the angles and the flips (``None`` if no encoder
+    has that nuisance)."""
+    from .transforms import draw_and_apply
+
+    crops = np.asarray(crops, dtype=np.float32)
+    rotated, angles = draw_and_apply(crops, "rotation", rng)
+    flipped, flips = draw_and_apply(crops, "polarity", rng)
+    views = []
+    for name in nuisances:
+        if name in ROTATION_LIKE:
+            views.append(rotated)
+        elif name == "polarity":
+            views.append(flipped)
+        else:
+            views.append(draw_and_apply(crops, name, rng)[0])
+    has_rot = any(n in ROTATION_LIKE for n in nuisances)
+    return (
+        np.stack(views, axis=1),
+        angles if has_rot else None,
+        flips if "polarity" in nuisances else None,
+    )
+
+
 def invariance_report(
     model: MEVAE,
     crops: np.ndarray,
@@ -475,6 +526,12 @@ def invariance_report(
     - ``content_kept``: R^2 of invariant cell descriptors from the latents of the rotated cells;
     - ``reconstruction_corr``: pixel correlation of the model's output (from the rotated and
       flipped cell) with the canonical cell (1 for a model that fully corrects the pose);
+    - ``rotation_leakage_2x``: the rotation probe on (cos 2a, sin 2a) (axis orientation);
+    - ``paired_rotation_leakage`` / ``paired_polarity_leakage``: the paper's protocol for
+      multi-encoder models: each encoder sees the cell under its OWN nuisance, as in training
+      (:func:`paired_inputs`), and both probes read the one fused latent; for a one-encoder
+      model (nothing to pair) they equal the two scores above; ``paired_content_kept`` the
+      same for ``content_kept``;
     - ``nmi`` / ``purity`` of k-means against ``classes`` when given.
     """
     from .transforms import draw_and_apply
@@ -497,7 +554,21 @@ def invariance_report(
         "content_kept": content_kept(z_rot, crops, seed=seed),
         "reconstruction_corr": pixel_correlation(reconstruct(model, both, batch_size), crops),
         "n_cells": float(len(crops)),
+        "rotation_leakage_2x": angle_leakage(z_rot, angles, seed=seed, harmonic=2),
     }
+    nuisances = encoder_nuisances(model)
+    if model.config.n_encoders == 1:
+        report["paired_rotation_leakage"] = report["rotation_leakage"]
+        report["paired_polarity_leakage"] = report["polarity_leakage"]
+        report["paired_content_kept"] = report["content_kept"]
+    elif nuisances is not None:
+        inputs, p_angles, p_flips = paired_inputs(crops, nuisances, rng)
+        z_pair = encode(model, inputs, batch_size=batch_size)
+        if p_angles is not None:
+            report["paired_rotation_leakage"] = angle_leakage(z_pair, p_angles, seed=seed)
+        if p_flips is not None:
+            report["paired_polarity_leakage"] = discrete_leakage(z_pair, p_flips, seed=seed)
+        report["paired_content_kept"] = content_kept(z_pair, crops, seed=seed)
     if classes is not None:
         report.update(
             cluster_agreement(encode(model, both, batch_size=batch_size), classes, seed=seed)

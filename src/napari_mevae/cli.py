@@ -106,6 +106,13 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         "--earlystop", type=_bool01, default=True, help="1 = early stopping on loss (default 1)"
     )
     g.add_argument(
+        "--kl_warmup",
+        type=float,
+        default=0.0,
+        help="epochs over which the KL weight ramps from 0 to beta (default 0 = off, as the "
+        "reference); against latent collapse on small images",
+    )
+    g.add_argument(
         "--patience", type=int, default=8, help="early-stopping patience in epochs (default 8)"
     )
     g.add_argument(
@@ -469,6 +476,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         distributed=args.distributed or world > 1,
         compile=args.compile,
         bf16=args.bf16,
+        kl_warmup=args.kl_warmup,
     )
     trainer = Trainer(config, data.dataset, opts, resume=ckpt)
     if rank == 0:

@@ -80,6 +80,10 @@ class TrainOptions:
     # returning them to the OS, so the per-step activations are not page-faulted in again
     # every step; restored (and the memory released) when training ends.
     tune_malloc: bool = True
+    # kl_warmup: ramp the KL weight linearly from 0 to beta over this many epochs (0 = off, as
+    # the reference), so the encoders learn to carry the cell before the KL prior squeezes
+    # them; early stopping only counts epochs after the ramp.
+    kl_warmup: float = 0.0
 
     def validate(self) -> None:
         if self.epochs < 0:
@@ -90,6 +94,8 @@ class TrainOptions:
             raise ValueError(f"learn_rate must be a positive number, got {self.learn_rate}")
         if self.patience < 1:
             raise ValueError(f"patience must be >= 1, got {self.patience}")
+        if not (self.kl_warmup >= 0 and math.isfinite(self.kl_warmup)):
+            raise ValueError(f"kl_warmup must be a number of epochs >= 0, got {self.kl_warmup}")
 
 
 class EpochSampler(Sampler[int]):
@@ -485,6 +491,15 @@ class Trainer:
             torch.compile(self._eager_forward_loss) if self.options.compile else None
         ) or self._eager_forward_loss
 
+    @property
+    def beta(self) -> float:
+        return model_config(self.model).beta
+
+    def kl_ramp(self, epochs_done: float) -> float:
+        """Fraction of the KL weight in use after ``epochs_done`` (fractional) epochs."""
+        warm = self.options.kl_warmup
+        return 1.0 if warm <= 0 else min(1.0, max(0.0, epochs_done / warm))
+
     def _init_distributed(self) -> None:
         import torch.distributed as dist
 
@@ -608,6 +623,9 @@ class Trainer:
                     step_fn = self._forward_loss if full else self._eager_forward_loss
                     terms = step_fn(inputs, target)
                     loss = terms["loss"]
+                    ramp = self.kl_ramp(epoch + step / max(steps, 1))
+                    if ramp < 1.0:  # outside the (possibly compiled) step: no recompiles
+                        loss = terms["recon"] + self.beta * ramp * terms["kl"]
                     # one host read for the three numbers (and the finiteness check)
                     vals = np.array(
                         torch.stack([loss, terms["recon"], terms["kl"]]).detach().tolist()
@@ -660,7 +678,7 @@ class Trainer:
                     total_epochs,
                     checkpoint=str(ckpt or ""),
                 )
-                if opts.earlystop:
+                if opts.earlystop and self.kl_ramp(epoch) >= 1.0:  # a full-weight epoch
                     if mean[0] < best - opts.min_delta:
                         best, bad_epochs = float(mean[0]), 0
                     else:
