@@ -286,7 +286,10 @@ def report(rows, extra_rows, peak, args, rounds, block_s) -> str:
     cmd = "python benchmarks/bench_training.py" + (" --quick" if args.quick else "")
     cmd += f" --configs {args.configs}" if args.configs else ""
     cmd += "".join(f" --variant {v}" for v in args.variant)
+    from napari_mevae.training import resolve_precision
+
     bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    precision = resolve_precision("auto", torch.device("cpu"))
     lines = [
         SECTION,
         "",
@@ -299,10 +302,13 @@ def report(rows, extra_rows, peak, args, rounds, block_s) -> str:
         "",
         f"Reference architecture, K=2, latent {LATENT}, 1 channel. Plain = eager nn.Module written "
         "in the benchmark (sigmoid + BCE, RMSprop, DataLoader); project = "
-        "`napari_mevae.training.Trainer` with default options. Each side runs in its own worker "
+        "`napari_mevae.training.Trainer` with default options (precision `auto`, which is "
+        f"**{precision}** on this machine; float32 weights, optimizer and loss). Each side runs "
+        "in its own worker "
         f"process; {rounds} rounds of alternating ~{block_s:g} s blocks; img/s are medians, the "
         "ratio is the median of per-round ratios. GFLOP/s = analytic forward+backward FLOPs "
-        "(FlopCounterMode) x img/s of the project trainer; fraction = GFLOP/s / matmul peak.",
+        "(FlopCounterMode) x img/s of the project trainer; fraction = GFLOP/s / float32 matmul "
+        "peak (bf16 arithmetic can exceed 1).",
         "",
         "| image_size | batch | plain img/s | project img/s | ratio | project GFLOP/s | "
         "fraction of matmul peak | FLOPs/image (fwd+bwd) |",

@@ -338,13 +338,35 @@ def test_bf16_option_trains_with_float32_weights():
     from napari_mevae.training import bf16_supported
 
     ds = Blobs()
-    opts = TrainOptions(epochs=4, batch_size=8, learn_rate=2e-3, seed=1, bf16=True)
+    opts = TrainOptions(epochs=4, batch_size=8, learn_rate=2e-3, seed=1, precision="bf16")
     trainer = Trainer(preset("tiny", latent_dim=4), ds, opts)
     assert trainer._bf16 == bf16_supported(trainer.device)
     reports = list(trainer.run())
     epochs = [r.loss for r in reports if r.kind == "epoch"]
     assert all(math.isfinite(v) for v in epochs) and epochs[-1] < epochs[0]
     assert all(p.dtype == torch.float32 for p in trainer.model_unwrapped.parameters())
+
+
+def test_precision_auto_follows_the_hardware(monkeypatch):
+    from napari_mevae import training
+
+    cpu = torch.device("cpu")
+    assert training.resolve_precision("float32", cpu) == "float32"
+    monkeypatch.setattr(training, "bf16_supported", lambda device: True)
+    monkeypatch.setattr(training, "_cpu_flags", lambda: {"avx2", "avx512f"})
+    # AVX-512 without native bf16: oneDNN would only emulate it, so auto stays float32
+    assert training.resolve_precision("auto", cpu) == "float32"
+    assert training.resolve_precision("bf16", cpu) == "bf16"  # asked for explicitly
+    monkeypatch.setattr(training, "_cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    assert training.resolve_precision("auto", cpu) == "bf16"
+    trainer = Trainer(preset("tiny"), Blobs(), TrainOptions(epochs=1, batch_size=8))
+    assert trainer.precision == "bf16" and trainer._bf16
+    pinned = Trainer(preset("tiny"), Blobs(), TrainOptions(precision="float32", batch_size=8))
+    assert pinned.precision == "float32" and not pinned._bf16
+    monkeypatch.setattr(training, "bf16_supported", lambda device: False)
+    assert training.resolve_precision("bf16", cpu) == "float32"  # unsupported: float32
+    with pytest.raises(ValueError, match="precision must be one of auto, float32, bf16"):
+        TrainOptions(precision="fp16").validate()
 
 
 @pytest.mark.slow

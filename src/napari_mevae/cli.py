@@ -142,10 +142,13 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         "--compile", action="store_true", help="torch.compile the model (pays on long runs)"
     )
     g.add_argument(
-        "--bf16",
-        action="store_true",
-        help="bfloat16 autocast where the CPU/GPU runs it natively (float32 weights and loss)",
+        "--precision",
+        choices=("auto", "float32", "bf16"),
+        default="auto",
+        help="auto (default): bfloat16 autocast where the CPU/GPU runs it natively, else "
+        "float32; float32: never bf16; bf16: wherever supported. Weights and loss stay float32",
     )
+    g.add_argument("--bf16", action="store_true", help="same as --precision bf16")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -475,7 +478,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         distributed=args.distributed or world > 1,
         compile=args.compile,
-        bf16=args.bf16,
+        precision="bf16" if args.bf16 else args.precision,
         kl_warmup=args.kl_warmup,
     )
     trainer = Trainer(config, data.dataset, opts, resume=ckpt)
@@ -484,6 +487,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         _say(
             args,
             f"training {_describe(config)} on {len(data.dataset)} pairs, device {trainer.device}"
+            + (" (bf16 autocast)" if trainer.precision == "bf16" else " (float32)")
             + (f", {world} processes" if world > 1 else ""),
         )
     log_path = save_dir / "training.log"
