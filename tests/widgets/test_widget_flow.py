@@ -180,3 +180,20 @@ def test_baselines_train(extracted, qtbot, notes, model_type):
     cfg = widget.session.model.config
     assert cfg.n_encoders == 1
     assert (cfg.beta > 1) == (model_type == "beta-VAE")
+
+
+def test_kl_warmup_and_precision_reach_the_trainer(extracted, qtbot, notes):
+    from napari_mevae.training import PRECISIONS
+
+    viewer, widget = extracted
+    m = widget.model_panel
+    assert [m.precision.itemText(i) for i in range(m.precision.count())] == list(PRECISIONS)
+    assert m.precision.currentText() == "auto" and m.kl_warmup.value() == 0  # library defaults
+    m.kl_warmup.setValue(3)
+    m.precision.setCurrentText("float32")
+    _train(qtbot, widget, epochs=1)
+    assert not notes["error"], notes["error"]
+    trainer = m.job.trainer
+    assert trainer.options.kl_warmup == 3.0
+    assert trainer.options.precision == "float32" and trainer.precision == "float32"
+    assert widget.session.model is not None

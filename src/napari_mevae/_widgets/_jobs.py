@@ -24,7 +24,12 @@ __all__ = [
     "cluster_job",
     "steps_per_epoch",
     "MODEL_TYPES",
+    "PRECISIONS",
 ]
+
+#: training precisions, as napari_mevae.training.PRECISIONS (kept here: importing training
+#: would import torch when napari opens)
+PRECISIONS = ("auto", "float32", "bf16")
 
 #: model type shown in the widget -> model preset of the core
 MODEL_TYPES = {"ME-VAE": "mevae", "VAE": "vae", "beta-VAE": "betavae"}

@@ -40,6 +40,7 @@ from qtpy.QtWidgets import (
 
 from ._jobs import (
     MODEL_TYPES,
+    PRECISIONS,
     ExtractSettings,
     TrainJob,
     cluster_job,
@@ -398,6 +399,18 @@ class ModelPanel(_Panel):
         self.device.addItems(["auto", "cpu", "cuda"])
         self.seed = QSpinBox()
         self.seed.setRange(0, 2**31 - 1)
+        self.kl_warmup = QSpinBox()
+        self.kl_warmup.setRange(0, 10000)
+        self.kl_warmup.setToolTip(
+            "Epochs over which the KL weight ramps up from 0 (0 = off): against a latent space "
+            "that collapses to a few dimensions"
+        )
+        self.precision = QComboBox()
+        self.precision.addItems(list(PRECISIONS))
+        self.precision.setToolTip(
+            "auto: bfloat16 where the CPU/GPU runs it natively (faster), else float32. "
+            "Weights and loss always stay float32"
+        )
         self.autosave = QLineEdit()
         self.autosave.setPlaceholderText("optional folder: checkpoint every epoch and on stop")
         self.continue_chk = QCheckBox("train more (continue the current model)")
@@ -422,6 +435,8 @@ class ModelPanel(_Panel):
         form.addRow("Learning rate", self.lr)
         form.addRow("Device", self.device)
         form.addRow("Seed", self.seed)
+        form.addRow("KL warm-up (epochs)", self.kl_warmup)
+        form.addRow("Precision", self.precision)
         form.addRow("Autosave", self.autosave)
         form.addRow(self.continue_chk)
         lay = QVBoxLayout(self)
@@ -513,6 +528,8 @@ class ModelPanel(_Panel):
             device=self.device.currentText(),
             seed=self.seed.value(),
             save_dir=self.autosave.text().strip() or None,
+            kl_warmup=float(self.kl_warmup.value()),
+            precision=self.precision.currentText(),
         )
         preview = crops[: min(8, n)]
         self._steps = steps_per_epoch(n, options_kw["batch_size"])
