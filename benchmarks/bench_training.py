@@ -232,11 +232,11 @@ def cpu_model() -> str:
 
 
 def cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    from napari_mevae.training import _cpu_flags
+
+    flags = _cpu_flags()
+    if not flags:
         return "unknown"
-    flags = set(re.search(r"^flags\s*:(.*)$", text, re.M).group(1).split())
     wanted = ["avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"]
     return ", ".join(f"{f}={'yes' if f in flags else 'no'}" for f in wanted)
 
