@@ -211,6 +211,29 @@ def test_invariance_report_on_a_model(model):
     # two encoders without recorded nuisances: the reference's convention, rotation + polarity
     assert 0 <= report["paired_rotation_leakage"] <= 1
     assert 0 <= report["paired_polarity_leakage"] <= 1
+    assert report["model_active_dims"] == 8  # not measured: every dimension counts
+    assert report["paired_rotation_leakage_all_dims"] == report["paired_rotation_leakage"]
+    assert report["paired_polarity_leakage_all_dims"] == report["paired_polarity_leakage"]
+
+
+def test_features_and_report_leave_out_unused_dimensions():
+    """Nuisance hidden in dimensions the model does not use is not in the features: the
+    paired probes read it only on the raw product of the means (``*_all_dims``)."""
+    from napari_mevae.analysis import invariance_report
+
+    torch.manual_seed(0)
+    model = MEVAE(preset("tiny", n_encoders=2)).eval()
+    crops = np.random.default_rng(1).random((60, 1, 32, 32), dtype=np.float32)
+    raw = encode(model, crops, inactive_to_zero=False)
+    model.latent_variance.copy_(torch.tensor([1.0, 1.0] + [1e-4] * 6))
+    z = encode(model, crops)
+    np.testing.assert_array_equal(z[:, :2], raw[:, :2])
+    assert (z[:, 2:] == 0).all()
+    report = invariance_report(model, crops, seed=0)
+    assert report["model_active_dims"] == 2
+    assert report["active_dims"] <= 2
+    # a random network's raw means see the flip; with 6 of 8 dimensions out, less of it
+    assert report["paired_polarity_leakage_all_dims"] > report["paired_polarity_leakage"]
 
 
 def test_paired_inputs_give_each_encoder_its_own_nuisance():

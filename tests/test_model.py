@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from napari_mevae.model import MEVAE, MEVAEConfig, count_parameters, preset
+from napari_mevae.model import ACTIVE_VARIANCE, MEVAE, MEVAEConfig, count_parameters, preset
 
 
 def test_reference_preset_has_published_parameter_count():
@@ -76,6 +76,39 @@ def test_encode_is_deterministic_product_of_means_and_sampling_is_optional():
     assert torch.allclose(a, means[0] * means[1] * means[2])
     s1, s2 = model.encode(x, sample=True), model.encode(x, sample=True)
     assert not torch.equal(s1, s2)
+
+
+def test_unused_latent_dimensions_are_zero_in_the_features():
+    torch.manual_seed(0)
+    model = MEVAE(preset("tiny", n_encoders=2))  # latent 8
+    x = torch.rand(6, 2, 1, 32, 32)
+    raw = model.encode(x, inactive_to_zero=False)
+    # not measured yet (NaN): every dimension counts as used
+    assert torch.isnan(model.latent_variance).all() and model.n_active == 8
+    assert torch.equal(model.encode(x), raw)
+    var = torch.tensor([1.0, 0.5 * ACTIVE_VARIANCE, 2 * ACTIVE_VARIANCE, 0.0, 3.0, 1e-6, 0.2, 0.02])
+    model.latent_variance.copy_(var)
+    active = var >= ACTIVE_VARIANCE
+    assert torch.equal(model.active_mask, active) and model.n_active == 5
+    z = model.encode(x)
+    assert (z[:, ~active] == 0).all()
+    assert torch.equal(z[:, active], raw[:, active])
+    assert (model.encode(x, sample=True)[:, ~active] == 0).all()
+    assert torch.equal(model.encode(x, inactive_to_zero=False), raw)
+
+
+def test_state_dicts_without_latent_variance_still_load():
+    model = MEVAE(preset("tiny"))
+    model.latent_variance.fill_(0.5)
+    state = model.state_dict()
+    assert torch.equal(state["latent_variance"], torch.full((8,), 0.5))
+    other = MEVAE(preset("tiny"))
+    other.load_state_dict(state)
+    assert torch.equal(other.latent_variance, model.latent_variance)
+    old = {k: v for k, v in state.items() if k != "latent_variance"}  # an older checkpoint
+    other.load_state_dict(old)
+    assert torch.isnan(other.latent_variance).all() and other.n_active == 8
+    assert torch.equal(other.encoders[0].mean.weight, model.encoders[0].mean.weight)
 
 
 def test_kl_is_correct_in_log_variance_and_beta_weights_it():

@@ -96,6 +96,24 @@ def test_checkpoint_round_trip_gives_identical_encodings(tmp_path):
     assert resolve_checkpoint(tmp_path / "run") == tmp_path / "run" / "models" / "checkpoint.pt"
 
 
+def test_trainer_measures_which_latent_dimensions_are_used(tmp_path):
+    ds = Blobs(n=24)
+    # a learning rate so small that the weights stay put: the variance measured during the
+    # last epoch must equal the variance of the fused means recomputed afterwards
+    opts = TrainOptions(
+        epochs=2, batch_size=8, learn_rate=1e-12, seed=0, save_dir=tmp_path, precision="float32"
+    )
+    model = Trainer(preset("tiny"), ds, opts).train()
+    means, _ = model.encode_all(torch.from_numpy(ds.inputs))
+    expected = torch.prod(means, 0).var(0, unbiased=False).detach()
+    assert torch.isfinite(model.latent_variance).all()
+    torch.testing.assert_close(model.latent_variance, expected, rtol=1e-3, atol=1e-9)
+    # it travels with the checkpoint
+    again = load_checkpoint(tmp_path).build_model()
+    assert torch.equal(again.latent_variance, model.latent_variance)
+    assert torch.equal(again.active_mask, model.active_mask)
+
+
 class Evil:
     def __reduce__(self):
         return (os.system, ("touch /tmp/mevae_pwned",))

@@ -72,16 +72,19 @@ def iter_encode(
     batch_size: int = 256,
     sample: bool = False,
     device: str | torch.device | None = None,
+    inactive_to_zero: bool = True,
 ) -> Generator[tuple[int, int], None, np.ndarray]:
     """Encode in batches, yielding ``(done, total)``; returns the ``(N, L)`` latents.
 
     ``crops`` is ``(N, C, S, S)`` (every encoder gets the same canonical cell: the analysis
     view) or ``(N, K, C, S, S)`` (one input per encoder, as in training pairs).  Deterministic by
-    default: the product of the encoder means.
+    default: the product of the encoder means.  Dimensions the model does not use are 0 unless
+    ``inactive_to_zero`` is False (see :meth:`MEVAE.encode`).
     """
     n = _check_crops(model, crops).shape[0]
     out = np.empty((n, model.config.latent_dim), dtype=np.float32)
-    for start, z in iter_encode_chunks(model, crops, batch_size, sample, device):
+    chunks = iter_encode_chunks(model, crops, batch_size, sample, device, inactive_to_zero)
+    for start, z in chunks:
         out[start : start + len(z)] = z
         yield start + len(z), n
     return out
@@ -93,6 +96,7 @@ def iter_encode_chunks(
     batch_size: int = 256,
     sample: bool = False,
     device: str | torch.device | None = None,
+    inactive_to_zero: bool = True,
 ) -> Generator[tuple[int, np.ndarray], None, None]:
     """Yield ``(start, latents)`` chunk by chunk, holding only one chunk: for streaming very
     many cells to a file (``crops`` may be a lazy :class:`~napari_mevae.store.CropStore`)."""
@@ -106,7 +110,8 @@ def iter_encode_chunks(
         chunk = _as_model_inputs(batch, model.config.n_encoders)
         x = torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32)).to(dev)
         with torch.no_grad():
-            yield start, model.encode(x, sample=sample).cpu().numpy()
+            z = model.encode(x, sample=sample, inactive_to_zero=inactive_to_zero)
+            yield start, z.cpu().numpy()
 
 
 def _drain(gen: Generator[Any, None, Any], progress: Callable[[int, int], None] | None) -> Any:
@@ -125,9 +130,11 @@ def encode(
     batch_size: int = 256,
     sample: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    inactive_to_zero: bool = True,
 ) -> np.ndarray:
     """Latent features ``(N, L)`` for every cell (see :func:`iter_encode`)."""
-    return _drain(iter_encode(model, crops, batch_size, sample), progress)
+    gen = iter_encode(model, crops, batch_size, sample, inactive_to_zero=inactive_to_zero)
+    return _drain(gen, progress)
 
 
 def reconstruct(model: MEVAE, crops: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -532,6 +539,11 @@ def invariance_report(
       (:func:`paired_inputs`), and both probes read the one fused latent; for a one-encoder
       model (nothing to pair) they equal the two scores above; ``paired_content_kept`` the
       same for ``content_kept``;
+    - ``model_active_dims``: dimensions the model uses (:attr:`MEVAE.active_mask`, measured
+      over the training cells; the others are 0 in every encoding, as in the features a user
+      exports); ``paired_rotation_leakage_all_dims`` / ``paired_polarity_leakage_all_dims``:
+      the paired probes on the raw product of the means, unused dimensions included, for
+      comparison;
     - ``nmi`` / ``purity`` of k-means against ``classes`` when given.
     """
     from .transforms import draw_and_apply
@@ -557,10 +569,12 @@ def invariance_report(
         "rotation_leakage_2x": angle_leakage(z_rot, angles, seed=seed, harmonic=2),
     }
     nuisances = encoder_nuisances(model)
+    report["model_active_dims"] = float(model.n_active)
     if model.config.n_encoders == 1:
         report["paired_rotation_leakage"] = report["rotation_leakage"]
         report["paired_polarity_leakage"] = report["polarity_leakage"]
         report["paired_content_kept"] = report["content_kept"]
+        raw = {"rotation": (rotated, angles), "polarity": (flipped, flips)}
     elif nuisances is not None:
         inputs, p_angles, p_flips = paired_inputs(crops, nuisances, rng)
         z_pair = encode(model, inputs, batch_size=batch_size)
@@ -569,6 +583,15 @@ def invariance_report(
         if p_flips is not None:
             report["paired_polarity_leakage"] = discrete_leakage(z_pair, p_flips, seed=seed)
         report["paired_content_kept"] = content_kept(z_pair, crops, seed=seed)
+        raw = {"rotation": (inputs, p_angles), "polarity": (inputs, p_flips)}
+    else:
+        raw = {}
+    for name, (x, truth) in raw.items():
+        if truth is None:
+            continue
+        z_all = encode(model, x, batch_size=batch_size, inactive_to_zero=False)
+        probe = angle_leakage if name == "rotation" else discrete_leakage
+        report[f"paired_{name}_leakage_all_dims"] = probe(z_all, truth, seed=seed)
     if classes is not None:
         report.update(
             cluster_agreement(encode(model, both, batch_size=batch_size), classes, seed=seed)

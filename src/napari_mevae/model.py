@@ -17,7 +17,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MEVAEConfig", "MEVAE", "VAEOutput", "preset", "PRESETS", "count_parameters"]
+__all__ = [
+    "MEVAEConfig",
+    "MEVAE",
+    "VAEOutput",
+    "preset",
+    "PRESETS",
+    "count_parameters",
+    "ACTIVE_VARIANCE",
+]
+
+# A latent dimension is active when its posterior mean varies across cells by more than this
+# (Burda et al. 2016, "active units"): below it the posterior sits on the prior, the decoder
+# ignores the dimension, and what is left in its mean is residue, not a feature.
+ACTIVE_VARIANCE = 0.01
 
 
 @dataclass
@@ -211,6 +224,25 @@ class MEVAE(nn.Module):
         self.config = config
         self.encoders = nn.ModuleList(Encoder(config) for _ in range(config.n_encoders))
         self.decoder = Decoder(config)
+        # variance over the training cells of each fused latent mean, measured by the trainer
+        # during the last epoch; NaN = not measured (untrained, or an older checkpoint)
+        self.register_buffer("latent_variance", torch.full((config.latent_dim,), math.nan))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        # checkpoints written before latent_variance existed load as "not measured"
+        state_dict.setdefault(
+            prefix + "latent_variance", torch.full_like(self.latent_variance, math.nan)
+        )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def active_mask(self) -> torch.Tensor:
+        """Boolean ``(L,)``: dimensions the model uses (all of them until measured)."""
+        return ~(self.latent_variance < ACTIVE_VARIANCE)  # NaN compares False: active
+
+    @property
+    def n_active(self) -> int:
+        return int(self.active_mask.sum())
 
     # -- shape checks ---------------------------------------------------------------------
     def _check_inputs(self, x: torch.Tensor) -> torch.Tensor:
@@ -253,10 +285,20 @@ class MEVAE(nn.Module):
         return VAEOutput(self.decoder(z), means, logvars, z)
 
     @torch.no_grad()
-    def encode(self, x: torch.Tensor, sample: bool = False) -> torch.Tensor:
-        """Fused latent ``(B, L)``: the product of the means (deterministic) unless ``sample``."""
+    def encode(
+        self, x: torch.Tensor, sample: bool = False, inactive_to_zero: bool = True
+    ) -> torch.Tensor:
+        """Features ``(B, L)``: the fused latent, the product of the means unless ``sample``.
+
+        Dimensions the model does not use (:attr:`active_mask`) are set to 0, their prior
+        mean: the product fusion shrinks them ~1000-fold but not to zero, and what remains is
+        residue of single encoders (nuisance included) that the decoder never reads.  Pass
+        ``inactive_to_zero=False`` for the raw product."""
         means, logvars = self.encode_all(x)
-        return self.fuse(self.sample(means, logvars) if sample else means)
+        z = self.fuse(self.sample(means, logvars) if sample else means)
+        if inactive_to_zero:
+            z = z * self.active_mask.to(z.dtype)
+        return z
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:

@@ -621,7 +621,11 @@ class Trainer:
             out = self.model(inputs)
         if self._bf16:  # the loss in float32, whatever the forward ran in
             out = VAEOutput(*(t.float() for t in (out.recon_logits, out.means, out.logvars, out.z)))
-        return _unwrap(self.model).loss(out, target)
+        terms = _unwrap(self.model).loss(out, target)
+        # sum and sum of squares of the fused means: which latent dimensions are in use
+        fused = torch.prod(out.means.detach(), dim=0)
+        terms["latent_moments"] = torch.cat([fused.sum(0), fused.pow(2).sum(0)])
+        return terms
 
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> Generator[TrainReport, None, MEVAE]:
@@ -654,6 +658,7 @@ class Trainer:
                 steps = len(loader)
                 sums = np.zeros(3)
                 seen = 0
+                moments = torch.zeros(2 * model_config(self.model).latent_dim, dtype=torch.float64)
                 t_epoch = time.perf_counter()
                 for step, (inputs, target) in enumerate(loader):
                     t0 = time.perf_counter()
@@ -683,6 +688,7 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     self.optimizer.step()
+                    moments += terms["latent_moments"].to("cpu", torch.float64)
                     n = target.shape[0]
                     sums += vals * n
                     seen += n
@@ -699,9 +705,12 @@ class Trainer:
                     good_state = _copy_state(self.model)
                     if seen:
                         self._record(epoch, sums / seen, seen, t_epoch, partial=True)
+                        self._set_latent_variance(moments, seen)
                     break
                 if self.world > 1:
                     sums, seen = self._all_reduce(sums, seen)
+                    moments = self._all_reduce_tensor(moments)
+                self._set_latent_variance(moments, seen)
                 mean = sums / max(seen, 1)
                 self._record(epoch, mean, seen, t_epoch)
                 good_state = _copy_state(self.model)
@@ -769,6 +778,24 @@ class Trainer:
         dist.all_reduce(t)
         vals = t.cpu().numpy()
         return vals[:3], int(vals[3])
+
+    def _all_reduce_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        t = t.to(self.device)
+        dist.all_reduce(t)
+        return t.cpu()
+
+    def _set_latent_variance(self, moments: torch.Tensor, seen: int) -> None:
+        """Store each fused dimension's variance over the epoch's cells in the model (and so in
+        its checkpoint): :attr:`MEVAE.active_mask` reads it."""
+        if seen < 2:
+            return
+        half = moments.numel() // 2
+        mean = moments[:half] / seen
+        var = (moments[half:] / seen - mean**2).clamp_min(0.0)
+        buf = _unwrap(self.model).latent_variance
+        buf.copy_(var.to(buf.device, buf.dtype))
 
     def _record(
         self, epoch: int, mean: np.ndarray, seen: int, t0: float, partial: bool = False
