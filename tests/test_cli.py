@@ -1,5 +1,6 @@
 """The `mevae` command end to end on 64 real LINCS pairs, at 32 px."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -281,7 +282,12 @@ def test_documented_reference_command_runs_as_a_program(lincs64, tmp_path):
     proc = subprocess.run(cmd, cwd=lincs64, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "epoch 1/1" in proc.stderr and "outputs written" in proc.stderr
-    assert pd.read_csv(tmp_path / "Outputs" / "encodings.csv").shape == (64, 33)
+    enc = pd.read_csv(tmp_path / "Outputs" / "encodings.csv")
+    assert enc.shape == (64, 33)
+    # the dimensions training found unused are the all-zero columns of the encodings
+    used = int(re.search(r"latent dimensions in use: (\d+) of 32", proc.stderr).group(1))
+    zero_columns = int((enc.filter(like="z") == 0).all().sum())
+    assert 1 <= used <= 32 and zero_columns == 32 - used
 
 
 @pytest.fixture(scope="module")

@@ -529,6 +529,13 @@ def cmd_train(args: argparse.Namespace) -> int:
                 )
             elif rep.kind == "end" and rank == 0:
                 _say(args, rep.message)
+                m = trainer.model_unwrapped
+                if m.activity_measured:
+                    _say(
+                        args,
+                        f"latent dimensions in use: {m.n_active} of {m.config.latent_dim} "
+                        "(the others are 0 in the encodings)",
+                    )
     except TrainingDiverged as err:
         raise CLIError(str(err)) from err
     except KeyboardInterrupt:

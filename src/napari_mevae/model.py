@@ -244,6 +244,11 @@ class MEVAE(nn.Module):
     def n_active(self) -> int:
         return int(self.active_mask.sum())
 
+    @property
+    def activity_measured(self) -> bool:
+        """Whether training has measured which dimensions are in use."""
+        return not bool(torch.isnan(self.latent_variance).all())
+
     # -- shape checks ---------------------------------------------------------------------
     def _check_inputs(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
