@@ -95,6 +95,10 @@ def test_unused_latent_dimensions_are_zero_in_the_features():
     assert torch.equal(z[:, active], raw[:, active])
     assert (model.encode(x, sample=True)[:, ~active] == 0).all()
     assert torch.equal(model.encode(x, inactive_to_zero=False), raw)
+    # nothing in use yet (a barely trained model): the features stay whole, not all zero
+    model.latent_variance.fill_(1e-5)
+    assert model.activity_measured and model.n_active == 0
+    assert torch.equal(model.encode(x), raw)
 
 
 def test_state_dicts_without_latent_variance_still_load():

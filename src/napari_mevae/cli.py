@@ -530,11 +530,17 @@ def cmd_train(args: argparse.Namespace) -> int:
             elif rep.kind == "end" and rank == 0:
                 _say(args, rep.message)
                 m = trainer.model_unwrapped
-                if m.activity_measured:
+                if m.activity_measured and m.n_active:
                     _say(
                         args,
                         f"latent dimensions in use: {m.n_active} of {m.config.latent_dim} "
                         "(the others are 0 in the encodings)",
+                    )
+                elif m.activity_measured:
+                    _say(
+                        args,
+                        "latent dimensions in use: 0: the model has not learned to use its "
+                        "latent space yet (train longer); the encodings keep every dimension",
                     )
     except TrainingDiverged as err:
         raise CLIError(str(err)) from err

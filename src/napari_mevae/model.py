@@ -236,13 +236,19 @@ class MEVAE(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
-    def active_mask(self) -> torch.Tensor:
-        """Boolean ``(L,)``: dimensions the model uses (all of them until measured)."""
-        return ~(self.latent_variance < ACTIVE_VARIANCE)  # NaN compares False: active
+    def n_active(self) -> int:
+        """Dimensions in use: variance of the fused mean >= ACTIVE_VARIANCE (all of them
+        until measured; 0 for a model that has not learned to use any yet)."""
+        if not self.activity_measured:
+            return self.config.latent_dim
+        return int((self.latent_variance >= ACTIVE_VARIANCE).sum())
 
     @property
-    def n_active(self) -> int:
-        return int(self.active_mask.sum())
+    def active_mask(self) -> torch.Tensor:
+        """Boolean ``(L,)``: the dimensions kept in the features.  While none is in use (a
+        barely trained model) all are kept: whole raw features beat all-zero ones."""
+        mask = self.latent_variance >= ACTIVE_VARIANCE  # NaN compares False
+        return mask if mask.any() else torch.ones_like(mask)
 
     @property
     def activity_measured(self) -> bool:

@@ -48,7 +48,7 @@ def test_full_flow(extracted, qtbot, tmp_path, notes):
     )
     assert TRAIN_RECON_LAYER in viewer.layers
     assert "1 epoch(s) trained" in widget.model_panel.status.text()
-    assert f"({s.model.n_active} in use)" in widget.model_panel.status.text()
+    assert f"({s.model.n_active} in use" in widget.model_panel.status.text()
 
     # encode -> reconstruct -> UMAP -> cluster (chained workers)
     a = widget.analyse_panel

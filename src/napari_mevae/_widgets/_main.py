@@ -476,7 +476,9 @@ class ModelPanel(_Panel):
         kind = "ME-VAE" if cfg.n_encoders > 1 else ("beta-VAE" if cfg.beta != 1 else "VAE")
         done = len([h for h in self.session.history if not h.get("partial")])
         nuis = ", ".join(cfg.nuisances) or "none"
-        used = f" ({model.n_active} in use)" if model.activity_measured else ""
+        used = ""
+        if model.activity_measured:
+            used = f" ({model.n_active} in use{'' if model.n_active else ': train longer'})"
         self.status.setText(
             f"Model: {kind}, K={cfg.n_encoders} ({nuis}), latent {cfg.latent_dim}{used}, "
             f"{cfg.image_size} px, {cfg.channels} channel(s); {done} epoch(s) trained"
