@@ -1,0 +1,64 @@
+"""Invariance of checkpoints trained before the trainer measured the latent dimensions in use.
+
+    python benchmarks/dims_in_use.py --train train/OutputImages --test test/OutputImages RUN/ ...
+
+Since the trainer records each fused dimension's variance during the last epoch
+(``MEVAE.latent_variance``), encodings set the unused ones (variance < 0.01) to 0.  Older
+checkpoints lack that record.  This script measures it after training, the same way: the
+variance of the fused means over the training cells, each encoder seeing the cell under its own
+freshly drawn nuisance as in training (one view for one-encoder models), then prints the
+invariance report on the test cells.  Used for the "Longer and repeated runs" table of
+docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+KEYS = (
+    "model_active_dims",
+    "rotation_leakage",
+    "paired_rotation_leakage",
+    "polarity_leakage",
+    "paired_polarity_leakage",
+    "paired_rotation_leakage_all_dims",
+    "paired_polarity_leakage_all_dims",
+    "content_kept",
+    "paired_content_kept",
+)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("runs", nargs="+", help="checkpoints or training save_dirs")
+    p.add_argument("--train", required=True, help="folder of canonical training crops")
+    p.add_argument("--test", required=True, help="folder of canonical test crops")
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+
+    from napari_mevae.analysis import encode, encoder_nuisances, invariance_report, paired_inputs
+    from napari_mevae.folders import FolderTargets
+    from napari_mevae.training import load_checkpoint
+
+    train = np.asarray(FolderTargets(a.train, a.size, 1).array)
+    test = np.asarray(FolderTargets(a.test, a.size, 1).array)
+    print("| run | " + " | ".join(KEYS) + " |")
+    print("|---" * (len(KEYS) + 1) + "|")
+    for run in a.runs:
+        model = load_checkpoint(run).build_model("cpu").eval()
+        views = train
+        if model.config.n_encoders > 1:
+            nuisances = encoder_nuisances(model) or ["rotation"] * model.config.n_encoders
+            views = paired_inputs(train, nuisances, np.random.default_rng(a.seed + 1))[0]
+        z = encode(model, views, inactive_to_zero=False)
+        model.latent_variance.copy_(torch.from_numpy(z.var(0)))
+        rep = invariance_report(model, test, seed=a.seed)
+        print(f"| {run} | " + " | ".join(f"{rep.get(k, float('nan')):.3f}" for k in KEYS) + " |")
+
+
+if __name__ == "__main__":
+    main()
