@@ -163,3 +163,29 @@ def test_in_place_relu_gives_the_same_gradients_as_out_of_place():
             m.inplace = False
     out_of_place = grads(model)
     assert all(torch.equal(in_place[n], out_of_place[n]) for n in in_place)
+
+
+def test_decoder_adds_the_bias_apart_with_the_same_outputs_gradients_and_keys():
+    torch.manual_seed(0)
+    model = MEVAE(preset("tiny", n_encoders=2)).to(memory_format=torch.channels_last)
+    keys = {k: v.shape for k, v in MEVAE(preset("tiny", n_encoders=2)).state_dict().items()}
+    assert {k: v.shape for k, v in model.state_dict().items()} == keys
+    assert "decoder.deconvs.0.bias" in keys and "decoder.deconvs.6.weight" in keys
+    dec = model.decoder.double()  # float64: no summation-order noise between the two paths
+    z = torch.randn(3, 8, dtype=torch.float64)
+
+    def run(forward):
+        dec.zero_grad(set_to_none=True)
+        out = forward(z)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in dec.named_parameters()}
+
+    def sequential(z):  # the plain nn.Sequential call: bias inside the convolutions
+        h = torch.relu(dec.dense(z)).view(-1, dec.enc_channels, dec.side, dec.side)
+        return dec.deconvs(h)
+
+    out, grads = run(dec)
+    ref_out, ref_grads = run(sequential)
+    torch.testing.assert_close(out, ref_out)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], msg=name)

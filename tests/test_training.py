@@ -399,4 +399,6 @@ def test_compile_option_matches_eager_training():
     compiled, trainer = losses(True)
     assert trainer._forward_loss is not trainer._eager_forward_loss
     assert len(compiled) == len(eager) == 3
-    assert compiled == pytest.approx(eager, rel=1e-4)
+    # bf16: inductor adds the decoder biases (model.deconv_bias_apart) without rounding them to
+    # bf16 first, as eager does: ~2e-4 apart (float32: ~1e-7)
+    assert compiled == pytest.approx(eager, rel=1e-3 if trainer.precision == "bf16" else 1e-4)

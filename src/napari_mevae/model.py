@@ -212,7 +212,33 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.dense(z)).view(-1, self.enc_channels, self.side, self.side)
-        return self.deconvs(h)  # logits; the sigmoid lives in the loss / VAEOutput.recon
+        for layer in self.deconvs:
+            h = deconv_bias_apart(layer, h) if isinstance(layer, nn.ConvTranspose2d) else layer(h)
+        return h  # logits; the sigmoid lives in the loss / VAEOutput.recon
+
+
+def deconv_bias_apart(layer: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` with the bias added by a separate op instead of inside the convolution.
+
+    Same result, faster training: oneDNN's transposed-convolution backward takes 1.1-2x as long
+    when it also produces the bias gradient (bf16 and float32, CPU), whereas the extra add
+    and the per-channel sum that then gives the bias gradient cost ~1-2 % of it.
+    """
+    assert isinstance(layer.padding, tuple)  # an int/str padding only exists for plain convs
+    y = F.conv_transpose2d(
+        x,
+        layer.weight,
+        None,
+        layer.stride,
+        layer.padding,
+        layer.output_padding,
+        layer.groups,
+        layer.dilation,
+    )
+    if layer.bias is None:
+        return y
+    # y is the convolution's own output (its backward does not need it): add in place
+    return y.add_(layer.bias.to(y.dtype).view(1, -1, 1, 1))
 
 
 class MEVAE(nn.Module):
