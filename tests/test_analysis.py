@@ -211,6 +211,7 @@ def test_invariance_report_on_a_model(model):
     # two encoders without recorded nuisances: the reference's convention, rotation + polarity
     assert 0 <= report["paired_rotation_leakage"] <= 1
     assert 0 <= report["paired_polarity_leakage"] <= 1
+    assert 0 <= report["paired_rotation_leakage_2x"] <= 1
     assert report["model_active_dims"] == 8  # not measured: every dimension counts
     assert report["paired_rotation_leakage_all_dims"] == report["paired_rotation_leakage"]
     assert report["paired_polarity_leakage_all_dims"] == report["paired_polarity_leakage"]

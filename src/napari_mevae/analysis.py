@@ -538,7 +538,7 @@ def invariance_report(
       multi-encoder models: each encoder sees the cell under its OWN nuisance, as in training
       (:func:`paired_inputs`), and both probes read the one fused latent; for a one-encoder
       model (nothing to pair) they equal the two scores above; ``paired_content_kept`` the
-      same for ``content_kept``;
+      same for ``content_kept`` and ``paired_rotation_leakage_2x`` for ``rotation_leakage_2x``;
     - ``model_active_dims``: dimensions the model uses (:attr:`MEVAE.active_mask`, measured
       over the training cells; the others are 0 in every encoding, as in the features a user
       exports); ``paired_rotation_leakage_all_dims`` / ``paired_polarity_leakage_all_dims``:
@@ -574,12 +574,16 @@ def invariance_report(
         report["paired_rotation_leakage"] = report["rotation_leakage"]
         report["paired_polarity_leakage"] = report["polarity_leakage"]
         report["paired_content_kept"] = report["content_kept"]
+        report["paired_rotation_leakage_2x"] = report["rotation_leakage_2x"]
         raw = {"rotation": (rotated, angles), "polarity": (flipped, flips)}
     elif nuisances is not None:
         inputs, p_angles, p_flips = paired_inputs(crops, nuisances, rng)
         z_pair = encode(model, inputs, batch_size=batch_size)
         if p_angles is not None:
             report["paired_rotation_leakage"] = angle_leakage(z_pair, p_angles, seed=seed)
+            report["paired_rotation_leakage_2x"] = angle_leakage(
+                z_pair, p_angles, seed=seed, harmonic=2
+            )
         if p_flips is not None:
             report["paired_polarity_leakage"] = discrete_leakage(z_pair, p_flips, seed=seed)
         report["paired_content_kept"] = content_kept(z_pair, crops, seed=seed)
