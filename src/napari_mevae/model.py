@@ -334,7 +334,7 @@ class MEVAE(nn.Module):
         means, logvars = self.encode_all(x)
         z = self.fuse(self.sample(means, logvars) if sample else means)
         if inactive_to_zero:
-            z = z * self.active_mask.to(z.dtype)
+            z = torch.where(self.active_mask, z, torch.zeros((), dtype=z.dtype))  # +0.0, not -0.0
         return z
 
     @torch.no_grad()
