@@ -3,7 +3,14 @@ import json
 import pytest
 import torch
 
-from napari_mevae.model import ACTIVE_VARIANCE, MEVAE, MEVAEConfig, count_parameters, preset
+from napari_mevae.model import (
+    ACTIVE_VARIANCE,
+    MEVAE,
+    MEVAEConfig,
+    count_parameters,
+    preset,
+    size_scaled_beta,
+)
 
 
 def test_reference_preset_has_published_parameter_count():
@@ -189,3 +196,9 @@ def test_decoder_adds_the_bias_apart_with_the_same_outputs_gradients_and_keys():
     torch.testing.assert_close(out, ref_out)
     for name, g in grads.items():
         torch.testing.assert_close(g, ref_grads[name], msg=name)
+
+
+def test_size_scaled_beta_keeps_the_reference_balance():
+    assert size_scaled_beta(1.0, 128) == 1.0
+    assert size_scaled_beta(1.0, 32) == 0.0625
+    assert size_scaled_beta(4.0, 64) == 1.0

@@ -48,7 +48,7 @@ def run_demo(
     )
     from .cells import extract_cells
     from .figures import montage, save_png, save_umap_plot
-    from .model import MEVAEConfig
+    from .model import MEVAEConfig, size_scaled_beta
     from .synthetic import make_synthetic_cells
     from .training import Trainer, TrainOptions
     from .transforms import NuisancePairs
@@ -85,7 +85,7 @@ def run_demo(
         nfilters=16,
         n_encoders=len(nuisances),
         nuisances=nuisances,
-        beta=(size / 128) ** 2 if beta is None else beta,
+        beta=size_scaled_beta(1.0, size) if beta is None else beta,
     )
     n_train = int(len(crops_arr) * 0.8)
     dataset = NuisancePairs(crops_arr[:n_train], nuisances, seed=seed)

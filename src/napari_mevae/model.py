@@ -25,6 +25,7 @@ __all__ = [
     "PRESETS",
     "count_parameters",
     "ACTIVE_VARIANCE",
+    "size_scaled_beta",
 ]
 
 # A latent dimension is active when its posterior mean varies across cells by more than this
@@ -131,6 +132,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Small and fast: tiny crops for tests and quick looks.
     "tiny": dict(image_size=32, latent_dim=8, inter_dim=32, nlayers=3, nfilters=8),
 }
+
+
+def size_scaled_beta(beta: float, image_size: int) -> float:
+    """``beta * (image_size / 128) ** 2``: the KL weight that keeps the reference's balance
+    between reconstruction and KL at another crop size.  The loss scales the reconstruction by
+    ``image_size**2`` and the reference trains at 128 px, so at 32 px an unscaled KL weighs 16x
+    more and a short run ends with no latent dimension in use."""
+    return float(beta) * (image_size / 128) ** 2
 
 
 def preset(name: str, **overrides: Any) -> MEVAEConfig:

@@ -180,7 +180,10 @@ def test_baselines_train(extracted, qtbot, notes, model_type):
     assert not notes["error"], notes["error"]
     cfg = widget.session.model.config
     assert cfg.n_encoders == 1
-    assert (cfg.beta > 1) == (model_type == "beta-VAE")
+    # every KL weight follows the crop size: (32 / 128)**2 for the VAE, 4x that for beta-VAE
+    scale = (cfg.image_size / 128) ** 2
+    assert cfg.beta == pytest.approx(scale * (4.0 if model_type == "beta-VAE" else 1.0))
+    assert f"Model: {model_type}," in widget.model_panel.status.text()
 
 
 def test_kl_warmup_and_precision_reach_the_trainer(extracted, qtbot, notes):

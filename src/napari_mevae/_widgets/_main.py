@@ -125,6 +125,21 @@ def _button(text: str, slot: Any, tip: str = "") -> QPushButton:
     return b
 
 
+def _size_scaled_beta(beta: float, image_size: int) -> float:
+    # model.size_scaled_beta without importing torch when napari opens
+    return float(beta) * (image_size / 128) ** 2
+
+
+def _model_kind(cfg: Any) -> str:
+    """ME-VAE, VAE or beta-VAE, from a config (KL weight 1 or 1 x the crop-size scale = VAE)."""
+    if cfg.n_encoders > 1:
+        return "ME-VAE"
+    plain = math.isclose(cfg.beta, 1.0) or math.isclose(
+        cfg.beta, _size_scaled_beta(1.0, cfg.image_size)
+    )
+    return "VAE" if plain else "beta-VAE"
+
+
 # ---------------------------------------------------------------------------------------------
 class CellsPanel(_Panel):
     """Choose image + labels, crop every cell, choose the nuisances (K encoders), preview pairs."""
@@ -380,7 +395,10 @@ class ModelPanel(_Panel):
         self.beta = QDoubleSpinBox()
         self.beta.setRange(0.0, 1000.0)
         self.beta.setValue(4.0)
-        self.beta.setToolTip("KL weight of the beta-VAE (1 = plain VAE)")
+        self.beta.setToolTip(
+            "KL weight of the beta-VAE relative to the VAE's (1 = plain VAE). Every model's KL "
+            "weight is also scaled by (crop size / 128)^2, the reference's balance at 128 px."
+        )
         self.latent = QSpinBox()
         self.latent.setRange(2, 512)
         self.latent.setValue(16)
@@ -473,7 +491,7 @@ class ModelPanel(_Panel):
             self.status.setText("No model yet.")
             return
         cfg = model.config
-        kind = "ME-VAE" if cfg.n_encoders > 1 else ("beta-VAE" if cfg.beta != 1 else "VAE")
+        kind = _model_kind(cfg)
         done = len([h for h in self.session.history if not h.get("partial")])
         nuis = ", ".join(cfg.nuisances) or "none"
         used = ""
@@ -521,9 +539,13 @@ class ModelPanel(_Panel):
                 "polarity or scale, or choose the VAE model type."
             )
             return None
-        config_kw = dict(image_size=size, channels=c, latent_dim=self.latent.value())
-        if model_type == "beta-VAE":
-            config_kw["beta"] = self.beta.value()
+        base = self.beta.value() if model_type == "beta-VAE" else 1.0
+        config_kw = dict(
+            image_size=size,
+            channels=c,
+            latent_dim=self.latent.value(),
+            beta=_size_scaled_beta(base, size),
+        )
         options_kw = dict(
             epochs=self.epochs.value(),
             batch_size=self.batch.value(),
@@ -729,10 +751,10 @@ class ModelPanel(_Panel):
         """Show a loaded model's settings so 'train more' continues it as it was."""
         self.latent.setValue(cfg.latent_dim)
         if model_type not in MODEL_TYPES:
-            model_type = "ME-VAE" if cfg.n_encoders > 1 else "beta-VAE" if cfg.beta != 1 else "VAE"
+            model_type = _model_kind(cfg)
         self.type_combo.setCurrentText(model_type)
-        if cfg.beta != 1:
-            self.beta.setValue(cfg.beta)
+        if model_type == "beta-VAE":
+            self.beta.setValue(cfg.beta / _size_scaled_beta(1.0, cfg.image_size))
         if cfg.nuisances:
             self.host.cells_panel.set_nuisances(list(cfg.nuisances))
 
