@@ -289,6 +289,8 @@ def test_documented_reference_command_runs_as_a_program(lincs64, tmp_path):
     zero_columns = int((enc.filter(like="z") == 0).all().sum())
     # none in use yet (one short epoch): every dimension is kept rather than all zeroed
     assert zero_columns == (32 - used if used else 0)
+    if not used:  # the message says what to do about it
+        assert "--beta 0.0625 keeps the reference's balance" in proc.stderr
 
 
 @pytest.fixture(scope="module")

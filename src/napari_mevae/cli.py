@@ -429,6 +429,7 @@ def write_run_outputs(save_dir: Path, model, data: TrainData, args: argparse.Nam
 
 # -- commands ----------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
+    from .model import size_scaled_beta
     from .training import (
         Trainer,
         TrainingDiverged,
@@ -537,10 +538,14 @@ def cmd_train(args: argparse.Namespace) -> int:
                         "(the others are 0 in the encodings)",
                     )
                 elif m.activity_measured:
+                    size = m.config.image_size
                     _say(
                         args,
                         "latent dimensions in use: 0: the model has not learned to use its "
-                        "latent space yet (train longer); the encodings keep every dimension",
+                        "latent space yet; the encodings keep every dimension. Train longer, "
+                        f"or lower --beta: at image size {size}, --beta "
+                        f"{size_scaled_beta(1.0, size):g} keeps the reference's balance "
+                        "between reconstruction and KL (its 1 is meant for 128 px)",
                     )
     except TrainingDiverged as err:
         raise CLIError(str(err)) from err
