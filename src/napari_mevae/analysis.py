@@ -553,8 +553,15 @@ def invariance_report(
     rotated, angles = draw_and_apply(crops, "rotation", rng)
     flipped, flips = draw_and_apply(crops, "polarity", rng)
     both, _ = draw_and_apply(rotated, "polarity", rng)
-    z_rot = encode(model, rotated, batch_size=batch_size)
-    z_flip = encode(model, flipped, batch_size=batch_size)
+    mask = model.active_mask.cpu().numpy()
+
+    def raw_and_features(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # one encoding gives both the raw product and the features (unused dimensions 0)
+        raw = encode(model, x, batch_size=batch_size, inactive_to_zero=False)
+        return raw, np.where(mask, raw, np.float32(0))
+
+    raw_rot, z_rot = raw_and_features(rotated)
+    raw_flip, z_flip = raw_and_features(flipped)
     pc_rot, pc_flip = principal_subspace(z_rot), principal_subspace(z_flip)
     report = {
         "rotation_leakage": angle_leakage(z_rot, angles, seed=seed),
@@ -575,10 +582,10 @@ def invariance_report(
         report["paired_polarity_leakage"] = report["polarity_leakage"]
         report["paired_content_kept"] = report["content_kept"]
         report["paired_rotation_leakage_2x"] = report["rotation_leakage_2x"]
-        raw = {"rotation": (rotated, angles), "polarity": (flipped, flips)}
+        raw = {"rotation": (raw_rot, angles), "polarity": (raw_flip, flips)}
     elif nuisances is not None:
         inputs, p_angles, p_flips = paired_inputs(crops, nuisances, rng)
-        z_pair = encode(model, inputs, batch_size=batch_size)
+        raw_pair, z_pair = raw_and_features(inputs)
         if p_angles is not None:
             report["paired_rotation_leakage"] = angle_leakage(z_pair, p_angles, seed=seed)
             report["paired_rotation_leakage_2x"] = angle_leakage(
@@ -587,13 +594,12 @@ def invariance_report(
         if p_flips is not None:
             report["paired_polarity_leakage"] = discrete_leakage(z_pair, p_flips, seed=seed)
         report["paired_content_kept"] = content_kept(z_pair, crops, seed=seed)
-        raw = {"rotation": (inputs, p_angles), "polarity": (inputs, p_flips)}
+        raw = {"rotation": (raw_pair, p_angles), "polarity": (raw_pair, p_flips)}
     else:
         raw = {}
-    for name, (x, truth) in raw.items():
+    for name, (z_all, truth) in raw.items():
         if truth is None:
             continue
-        z_all = encode(model, x, batch_size=batch_size, inactive_to_zero=False)
         probe = angle_leakage if name == "rotation" else discrete_leakage
         report[f"paired_{name}_leakage_all_dims"] = probe(z_all, truth, seed=seed)
     if classes is not None:

@@ -623,7 +623,7 @@ class Trainer:
             out = VAEOutput(*(t.float() for t in (out.recon_logits, out.means, out.logvars, out.z)))
         terms = _unwrap(self.model).loss(out, target)
         # sum and sum of squares of the fused means: which latent dimensions are in use
-        fused = torch.prod(out.means.detach(), dim=0)
+        fused = MEVAE.fuse(out.means.detach())
         terms["latent_moments"] = torch.cat([fused.sum(0), fused.pow(2).sum(0)])
         return terms
 
@@ -772,11 +772,7 @@ class Trainer:
         return model
 
     def _all_reduce(self, sums: np.ndarray, seen: int) -> tuple[np.ndarray, int]:
-        import torch.distributed as dist
-
-        t = torch.tensor([*sums, seen], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        vals = t.cpu().numpy()
+        vals = self._all_reduce_tensor(torch.tensor([*sums, seen], dtype=torch.float64)).numpy()
         return vals[:3], int(vals[3])
 
     def _all_reduce_tensor(self, t: torch.Tensor) -> torch.Tensor:
