@@ -166,7 +166,7 @@ def lincs(a: argparse.Namespace, work: Path) -> dict[str, dict]:
         res_file = save / "fig2_result.json"
         if a.reuse and res_file.exists():
             rep = json.loads(res_file.read_text())
-            results[kind] = add_subspace_metrics(save, test, rep, a.seed)
+            results[kind] = refresh_report(save, test, rep, a.seed)
             print(f"{kind}: reused {res_file}", flush=True)
             continue
         shutil.rmtree(save, ignore_errors=True)
@@ -191,7 +191,7 @@ def lincs(a: argparse.Namespace, work: Path) -> dict[str, dict]:
             command="mevae " + " ".join(argv),
         )
         res_file.write_text(json.dumps(rep, indent=2))
-        results[kind] = add_subspace_metrics(save, test, rep, a.seed)
+        results[kind] = refresh_report(save, test, rep, a.seed)
         print(
             f"{kind}: " + ", ".join(f"{k} {rep[k]:.3f}" for k in METRICS)
             + f", {s_epoch:.1f} s/epoch, {wall:.0f} s wall",
@@ -200,7 +200,7 @@ def lincs(a: argparse.Namespace, work: Path) -> dict[str, dict]:
     return results
 
 
-def add_subspace_metrics(run: Path, test: Path, rep: dict, seed: int) -> dict:
+def refresh_report(run: Path, test: Path, rep: dict, seed: int) -> dict:
     """Results written before ``invariance_report`` had its current keys: measure the
     checkpoint again with the current report (same draws) and keep its keys.  A checkpoint
     from before training measured the dimensions in use reports all of them as used."""
