@@ -7,8 +7,8 @@ Since the trainer records each fused dimension's variance during the last epoch
 checkpoints lack that record.  This script measures it after training, the same way: the
 variance of the fused means over the training cells, each encoder seeing the cell under its own
 freshly drawn nuisance as in training (one view for one-encoder models), then prints the
-invariance report on the test cells.  Used for the "Longer and repeated runs" table of
-docs/benchmarks.md.
+invariance report on the test cells.  Checkpoints that carry the trainer's record keep it.
+Used for the "Repeated runs" table of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ KEYS = (
     "paired_polarity_leakage_all_dims",
     "content_kept",
     "paired_content_kept",
+    "neighbour_content_kept",
+    "paired_neighbour_content_kept",
 )
 
 
@@ -50,6 +52,12 @@ def main() -> None:
     print("|---" * (len(KEYS) + 1) + "|")
     for run in a.runs:
         model = load_checkpoint(run).build_model("cpu").eval()
+        if model.activity_measured:  # trained by this version: the trainer's own record
+            rep = invariance_report(model, test, seed=a.seed)
+            print(
+                f"| {run} | " + " | ".join(f"{rep.get(k, float('nan')):.3f}" for k in KEYS) + " |"
+            )
+            continue
         views = train
         if model.config.n_encoders > 1:
             nuisances = encoder_nuisances(model) or ["rotation"] * model.config.n_encoders

@@ -186,6 +186,30 @@ def test_cell_descriptors_are_pose_invariant_and_content_kept_detects_informatio
     assert content_kept(rng.normal(size=(120, 8)), crops) < 0.1
 
 
+def test_neighbour_content_kept_reads_the_geometry_the_features_have():
+    """Descriptors hidden in a low-variance dimension beside a dominant nuisance are still
+    readable by the linear probe, but a cell's nearest neighbours are then pose-mates, not
+    look-alikes: the neighbourhood score drops while the linear one does not."""
+    from napari_mevae.analysis import cell_descriptors, content_kept, neighbour_content_kept
+    from napari_mevae.synthetic import synthetic_crops
+
+    crops, _ = synthetic_crops(n=200, size=32, seed=0)
+    d = cell_descriptors(crops)
+    d = (d - d.mean(0)) / d.std(0)
+    rng = np.random.default_rng(0)
+    assert neighbour_content_kept(d, crops) > 0.8
+    assert neighbour_content_kept(rng.normal(size=(200, 8)), crops) < 0.1
+    angle = rng.uniform(0, 2 * np.pi, 200)
+    nuisance = 100 * np.column_stack([np.cos(angle), np.sin(angle)])
+    hidden = np.column_stack([nuisance, 0.01 * d])
+    assert content_kept(hidden, crops) > 0.9
+    assert neighbour_content_kept(hidden, crops) < 0.2
+    # all-zero features (a model that uses no dimension) keep nothing
+    assert neighbour_content_kept(np.zeros((200, 4)), crops) == 0.0
+    with pytest.raises(ValueError, match="at least 10 cells"):
+        neighbour_content_kept(d[:6], crops[:6])
+
+
 def test_invariance_report_on_a_model(model):
     from napari_mevae.analysis import invariance_report
 
@@ -195,6 +219,8 @@ def test_invariance_report_on_a_model(model):
         "rotation_leakage",
         "polarity_leakage",
         "content_kept",
+        "neighbour_content_kept",
+        "paired_neighbour_content_kept",
         "reconstruction_corr",
         "nmi",
         "purity",

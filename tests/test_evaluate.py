@@ -26,7 +26,13 @@ from napari_mevae.training import Trainer, TrainOptions, save_checkpoint
 from napari_mevae.transforms import NuisanceAutoencode, NuisancePairs
 
 SIZE, LATENT, EPOCHS, N_TRAIN, N_TEST, LR = 32, 16, 4, 300, 120, 2e-3
-KEYS = ("rotation_leakage", "polarity_leakage", "content_kept", "reconstruction_corr")
+KEYS = (
+    "rotation_leakage",
+    "polarity_leakage",
+    "content_kept",
+    "neighbour_content_kept",
+    "reconstruction_corr",
+)
 
 
 def train(kind: str, crops: np.ndarray, seed: int):

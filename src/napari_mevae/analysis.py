@@ -34,6 +34,7 @@ __all__ = [
     "encoder_nuisances",
     "paired_inputs",
     "content_kept",
+    "neighbour_content_kept",
     "cell_descriptors",
     "principal_subspace",
     "cluster_agreement",
@@ -457,6 +458,33 @@ def content_kept(latents: np.ndarray, crops: np.ndarray, folds: int = 5, seed: i
     return float(np.clip(r2.mean(), 0.0, 1.0))
 
 
+def neighbour_content_kept(
+    latents: np.ndarray, crops: np.ndarray, k: int = 10, folds: int = 5, seed: int = 0
+) -> float:
+    """Cross-validated R^2 (0..1) of predicting :func:`cell_descriptors` of each cell from its
+    ``k`` nearest cells in feature space (Euclidean distance on the features as given, no
+    rescaling): whether cells the features put close together are alike.
+
+    UMAP, k-means and distances see this geometry.  :func:`content_kept` asks whether the
+    descriptors can be read from the latents at all, after standardising every dimension, so
+    it also credits information held in dimensions that carry little of the variance, where
+    the nuisance dominates the distances."""
+    from sklearn.model_selection import KFold, cross_val_predict
+    from sklearn.neighbors import KNeighborsRegressor
+
+    latents = np.asarray(latents, dtype=np.float64)
+    if len(latents) < 2 * folds:
+        raise ValueError(f"need at least {2 * folds} cells for {folds}-fold CV, got {len(latents)}")
+    y = cell_descriptors(crops)
+    y = (y - y.mean(0)) / (y.std(0) + 1e-12)
+    n_train = len(latents) - -(-len(latents) // folds)  # the smallest training fold
+    model = KNeighborsRegressor(n_neighbors=max(1, min(k, n_train)))
+    cv = KFold(n_splits=folds, shuffle=True, random_state=seed)
+    pred = cross_val_predict(model, latents, y, cv=cv)
+    r2 = 1 - ((y - pred) ** 2).sum(0) / np.maximum((y**2).sum(0), 1e-12)
+    return float(np.clip(r2.mean(), 0.0, 1.0))
+
+
 def principal_subspace(latents: np.ndarray, keep: float = 0.99) -> np.ndarray:
     """The latents projected on the principal components that hold ``keep`` of their variance:
     what variance-weighted analyses (UMAP, k-means, distances on raw latents) actually see."""
@@ -531,6 +559,8 @@ def invariance_report(
       they also read nuisance left in dimensions the model has all but switched off, which
       UMAP, clustering and distances never see; ``active_dims`` counts dimensions with std > 0.1;
     - ``content_kept``: R^2 of invariant cell descriptors from the latents of the rotated cells;
+      ``neighbour_content_kept`` the same read from each cell's nearest cells in feature space
+      (:func:`neighbour_content_kept`: what UMAP, clustering and distances see);
     - ``reconstruction_corr``: pixel correlation of the model's output (from the rotated and
       flipped cell) with the canonical cell (1 for a model that fully corrects the pose);
     - ``rotation_leakage_2x``: the rotation probe on (cos 2a, sin 2a) (axis orientation);
@@ -538,7 +568,8 @@ def invariance_report(
       multi-encoder models: each encoder sees the cell under its OWN nuisance, as in training
       (:func:`paired_inputs`), and both probes read the one fused latent; for a one-encoder
       model (nothing to pair) they equal the two scores above; ``paired_content_kept`` the
-      same for ``content_kept`` and ``paired_rotation_leakage_2x`` for ``rotation_leakage_2x``;
+      same for ``content_kept`` (and ``paired_neighbour_content_kept`` for
+      ``neighbour_content_kept``) and ``paired_rotation_leakage_2x`` for ``rotation_leakage_2x``;
     - ``model_active_dims``: dimensions the model uses (:attr:`MEVAE.active_mask`, measured
       over the training cells; the others are 0 in every encoding, as in the features a user
       exports); ``paired_rotation_leakage_all_dims`` / ``paired_polarity_leakage_all_dims``:
@@ -571,6 +602,7 @@ def invariance_report(
         "pc99_dims": float(pc_rot.shape[1]),
         "active_dims": float((z_rot.std(0) > 0.1).sum()),
         "content_kept": content_kept(z_rot, crops, seed=seed),
+        "neighbour_content_kept": neighbour_content_kept(z_rot, crops, seed=seed),
         "reconstruction_corr": pixel_correlation(reconstruct(model, both, batch_size), crops),
         "n_cells": float(len(crops)),
         "rotation_leakage_2x": angle_leakage(z_rot, angles, seed=seed, harmonic=2),
@@ -581,6 +613,7 @@ def invariance_report(
         report["paired_rotation_leakage"] = report["rotation_leakage"]
         report["paired_polarity_leakage"] = report["polarity_leakage"]
         report["paired_content_kept"] = report["content_kept"]
+        report["paired_neighbour_content_kept"] = report["neighbour_content_kept"]
         report["paired_rotation_leakage_2x"] = report["rotation_leakage_2x"]
         raw = {"rotation": (raw_rot, angles), "polarity": (raw_flip, flips)}
     elif nuisances is not None:
@@ -594,6 +627,7 @@ def invariance_report(
         if p_flips is not None:
             report["paired_polarity_leakage"] = discrete_leakage(z_pair, p_flips, seed=seed)
         report["paired_content_kept"] = content_kept(z_pair, crops, seed=seed)
+        report["paired_neighbour_content_kept"] = neighbour_content_kept(z_pair, crops, seed=seed)
         raw = {"rotation": (raw_pair, p_angles), "polarity": (raw_pair, p_flips)}
     else:
         raw = {}
