@@ -1,0 +1,72 @@
+"""The Fig. 2 script's bookkeeping: results measured by an older report are re-measured with
+the current one (same draws), and the tables show every content measure.  The published
+numbers in docs/benchmarks.md rest on this path (``fig2.py --reuse``)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from napari_mevae.analysis import invariance_report
+from napari_mevae.folders import FolderTargets, write_image
+from napari_mevae.model import MEVAE, preset
+from napari_mevae.synthetic import synthetic_crops
+from napari_mevae.training import load_checkpoint, save_checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+fig2 = pytest.importorskip("fig2")
+
+
+@pytest.fixture(scope="module")
+def run_and_test(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fig2")
+    crops, _ = synthetic_crops(24, 32, seed=3)
+    for i, crop in enumerate(crops):
+        write_image(root / "test" / "OutputImages" / f"Image_{i}.tif", crop)
+    torch.manual_seed(0)
+    model = MEVAE(preset("tiny", n_encoders=2))
+    model.latent_variance.copy_(torch.tensor([1.0, 1.0, 1.0] + [1e-4] * 5))
+    run = root / "run_mevae_fresh"
+    save_checkpoint(run, model)
+    return run, root / "test"
+
+
+def test_refresh_report_remeasures_old_results_with_the_same_draws(run_and_test):
+    run, test = run_and_test
+    old = {"rotation_leakage": 0.5, "content_kept": 0.1, "s_per_epoch": 1.5, "wall_s": 20.0}
+    rep = fig2.refresh_report(run, test, dict(old), seed=0)
+    model = load_checkpoint(run).build_model("cpu")
+    crops = np.asarray(FolderTargets(test / "OutputImages", 32, 1).array)
+    expected = invariance_report(model, crops, seed=0)
+    for key, value in expected.items():
+        assert rep[key] == pytest.approx(value, abs=1e-12), key
+    assert rep["s_per_epoch"] == 1.5 and rep["wall_s"] == 20.0  # timings kept
+    assert rep["model_active_dims"] == 3
+    assert json.loads((run / "fig2_result.json").read_text()) == rep  # written back
+    # results that already carry the newest key are returned as they are, not re-measured
+    current = {**rep, "content_kept": -1.0}
+    assert fig2.refresh_report(run, test, current, seed=0)["content_kept"] == -1.0
+
+
+def test_tables_show_both_content_measures(run_and_test):
+    run, test = run_and_test
+    rep = json.loads((run / "fig2_result.json").read_text())
+    rep.update(nmi=0.5, purity=0.7, latent_std_max=1.0)
+    for table in (
+        fig2.lincs_table({"mevae_fresh": rep}, epochs=10),
+        fig2.synthetic_table({"mevae_fresh": rep}),
+    ):
+        header, rule, row = table.splitlines()
+        assert "content kept by neighbours: same / paired" in header
+        assert header.count("|") == rule.count("|") == row.count("|")
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        columns = [c.strip() for c in header.strip("|").split("|")]
+        neighbours = cells[columns.index("content kept by neighbours: same / paired")]
+        same = f"{rep['neighbour_content_kept']:.2f}"
+        paired = f"{rep['paired_neighbour_content_kept']:.2f}"
+        assert neighbours == f"{same} / {paired}"
