@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .model import MEVAE, MEVAEConfig, VAEOutput
+from .optim import FusedRMSprop
 
 __all__ = [
     "TrainOptions",
@@ -494,7 +495,9 @@ class Trainer:
                 f"--batch_size {self.options.batch_size} is the global batch and must be divisible "
                 f"by the number of processes ({self.world})"
             )
-        self.optimizer = torch.optim.RMSprop(self.model.parameters(), lr=self.options.learn_rate)
+        # on CPU, RMSprop's update as one fused loop (same update and state, see optim.py)
+        rmsprop = FusedRMSprop if self.device.type == "cpu" else torch.optim.RMSprop
+        self.optimizer = rmsprop(self.model.parameters(), lr=self.options.learn_rate)
         self.start_epoch = 0
         self.history: list[dict[str, float]] = []
         if resume is not None:
