@@ -138,3 +138,13 @@ def test_trainer_uses_it_on_cpu():
     assert isinstance(trainer.optimizer, FusedRMSprop)
     trainer.train()
     assert trainer.optimizer.last_step_fused
+
+
+def test_zero_grad_drops_or_zeroes_the_gradients():
+    net = small_net()
+    opt = FusedRMSprop(net.parameters(), lr=1e-3)
+    net(torch.ones(1, 2, 8, 8)).sum().backward()
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in net.parameters())
+    opt.zero_grad()
+    assert all(p.grad is None for p in net.parameters())
