@@ -23,7 +23,8 @@ _KERNEL: Any = None
 
 
 def _load_kernel() -> Callable[..., None] | None:
-    """Compile the update loop once per process (~0.5 s); ``None`` if numba cannot.
+    """Compile the update loop once per process (~1 s, with numba's import); ``None`` if numba
+    cannot.
 
     One thread, on purpose: the loop is bound by memory traffic, a parallel version was only
     ~0.2 ms per step faster, and numba's thread pools would need a process-wide threading
