@@ -12,6 +12,7 @@ rounding: torch's vectorised ``sqrt`` is not always correctly rounded, numba's i
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ import torch
 
 # the jitted update: None = not tried yet in this process, False = unavailable
 _KERNEL: Any = None
+_KERNEL_LOCK = threading.Lock()  # two trainers starting at once compile it once
 
 
 def _load_kernel() -> Callable[..., None] | None:
@@ -30,25 +32,27 @@ def _load_kernel() -> Callable[..., None] | None:
     ~0.2 ms per step faster, and numba's thread pools would need a process-wide threading
     layer shared with UMAP (which the napari plugin may run while training)."""
     global _KERNEL
-    if _KERNEL is None:
-        _KERNEL = False
-        try:
-            import numba
-
-            # error_model="numpy": a float division by zero gives inf instead of raising, which
-            # drops a check per element and lets the loop vectorise (8x faster, same results)
-            @numba.njit(cache=False, nogil=True, error_model="numpy")
-            def update(p, g, sq, neg_lr, alpha, one_minus_alpha, eps):  # type: ignore[no-untyped-def]
-                for i in range(p.size):
-                    s = sq[i] * alpha + one_minus_alpha * g[i] * g[i]
-                    sq[i] = s
-                    p[i] = p[i] + neg_lr * g[i] / (np.sqrt(s) + eps)
-
-            x, one = np.zeros(2, np.float32), np.float32(1)
-            update(x, x.copy(), x.copy(), one, one, one, one)  # compile now
-            _KERNEL = update
-        except Exception:  # no numba or no compiler backend: torch's step
+    with _KERNEL_LOCK:
+        if _KERNEL is None:
             _KERNEL = False
+            try:
+                import numba
+
+                # error_model="numpy": a float division by zero gives inf instead of raising,
+                # which drops a check per element and lets the loop vectorise (8x faster, same
+                # results)
+                @numba.njit(cache=False, nogil=True, error_model="numpy")
+                def update(p, g, sq, neg_lr, alpha, one_minus_alpha, eps):  # type: ignore[no-untyped-def]
+                    for i in range(p.size):
+                        s = sq[i] * alpha + one_minus_alpha * g[i] * g[i]
+                        sq[i] = s
+                        p[i] = p[i] + neg_lr * g[i] / (np.sqrt(s) + eps)
+
+                x, one = np.zeros(2, np.float32), np.float32(1)
+                update(x, x.copy(), x.copy(), one, one, one, one)  # compile now
+                _KERNEL = update
+            except Exception:  # no numba or no compiler backend: torch's step
+                _KERNEL = False
     return _KERNEL or None
 
 
