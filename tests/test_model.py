@@ -8,6 +8,7 @@ from napari_mevae.model import (
     MEVAE,
     MEVAEConfig,
     count_parameters,
+    model_kind,
     preset,
     size_scaled_beta,
 )
@@ -202,3 +203,14 @@ def test_size_scaled_beta_keeps_the_reference_balance():
     assert size_scaled_beta(1.0, 128) == 1.0
     assert size_scaled_beta(1.0, 32) == 0.0625
     assert size_scaled_beta(4.0, 64) == 1.0
+
+
+def test_model_kind_reads_plain_and_size_scaled_kl_weights():
+    assert model_kind(preset("mevae", image_size=32, beta=0.25)) == "ME-VAE"
+    assert model_kind(preset("vae")) == "VAE"  # the reference's beta 1
+    assert model_kind(preset("vae", image_size=32, beta=size_scaled_beta(1.0, 32))) == "VAE"
+    assert model_kind(preset("betavae")) == "beta-VAE"
+    # a beta-VAE scaled to 32 px has beta 0.25 < 1 and is still a beta-VAE
+    assert (
+        model_kind(preset("betavae", image_size=32, beta=size_scaled_beta(4.0, 32))) == "beta-VAE"
+    )

@@ -429,7 +429,7 @@ def write_run_outputs(save_dir: Path, model, data: TrainData, args: argparse.Nam
 
 # -- commands ----------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
-    from .model import size_scaled_beta
+    from .model import model_kind, size_scaled_beta
     from .training import (
         Trainer,
         TrainingDiverged,
@@ -448,7 +448,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         # the checkpoint defines the architecture; flags only describe the data
         args.image_size, args.nchannel = ckpt.config.image_size, ckpt.config.channels
         if ckpt.config.n_encoders == 1 and args.model == "mevae":
-            args.model = "vae" if ckpt.config.beta <= 1 else "betavae"
+            args.model = {"VAE": "vae", "beta-VAE": "betavae"}[model_kind(ckpt.config)]
     data = load_train_data(args, ckpt.config.n_encoders if ckpt else None)
     if ckpt is not None:
         check_compatible(ckpt.config, args.image_size, args.nchannel, data.n_encoders)
@@ -703,15 +703,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # -- plumbing ----------------------------------------------------------------------------------
 def _describe(cfg) -> str:
-    kind = (
-        "VAE"
-        if cfg.n_encoders == 1 and cfg.beta <= 1
-        else "beta-VAE"
-        if cfg.n_encoders == 1
-        else "ME-VAE"
-    )
+    from .model import model_kind
+
     return (
-        f"{kind} (K={cfg.n_encoders}, {cfg.channels} channel(s), {cfg.image_size} px, "
+        f"{model_kind(cfg)} (K={cfg.n_encoders}, {cfg.channels} channel(s), {cfg.image_size} px, "
         f"latent {cfg.latent_dim}, beta {cfg.beta:g})"
     )
 

@@ -142,6 +142,17 @@ def size_scaled_beta(beta: float, image_size: int) -> float:
     return float(beta) * (image_size / 128) ** 2
 
 
+def model_kind(config: MEVAEConfig) -> str:
+    """ "ME-VAE", "VAE" or "beta-VAE": a one-encoder model is a plain VAE when its KL weight is
+    1, as the reference sets it, or 1 scaled to its crop size (:func:`size_scaled_beta`)."""
+    if config.n_encoders > 1:
+        return "ME-VAE"
+    plain = math.isclose(config.beta, 1.0) or math.isclose(
+        config.beta, size_scaled_beta(1.0, config.image_size)
+    )
+    return "VAE" if plain else "beta-VAE"
+
+
 def preset(name: str, **overrides: Any) -> MEVAEConfig:
     """A config from a named preset; ``overrides`` win.  Presets other than ``reference``
     start from the reference architecture."""

@@ -126,18 +126,8 @@ def _button(text: str, slot: Any, tip: str = "") -> QPushButton:
 
 
 def _size_scaled_beta(beta: float, image_size: int) -> float:
-    # model.size_scaled_beta without importing torch when napari opens
+    # model.size_scaled_beta without importing torch in the GUI thread (the Train button)
     return float(beta) * (image_size / 128) ** 2
-
-
-def _model_kind(cfg: Any) -> str:
-    """ME-VAE, VAE or beta-VAE, from a config (KL weight 1 or 1 x the crop-size scale = VAE)."""
-    if cfg.n_encoders > 1:
-        return "ME-VAE"
-    plain = math.isclose(cfg.beta, 1.0) or math.isclose(
-        cfg.beta, _size_scaled_beta(1.0, cfg.image_size)
-    )
-    return "VAE" if plain else "beta-VAE"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,7 +481,9 @@ class ModelPanel(_Panel):
             self.status.setText("No model yet.")
             return
         cfg = model.config
-        kind = _model_kind(cfg)
+        from ..model import model_kind  # a model exists: torch is loaded
+
+        kind = model_kind(cfg)
         done = len([h for h in self.session.history if not h.get("partial")])
         nuis = ", ".join(cfg.nuisances) or "none"
         used = ""
@@ -751,7 +743,9 @@ class ModelPanel(_Panel):
         """Show a loaded model's settings so 'train more' continues it as it was."""
         self.latent.setValue(cfg.latent_dim)
         if model_type not in MODEL_TYPES:
-            model_type = _model_kind(cfg)
+            from ..model import model_kind  # a loaded config: torch is loaded
+
+            model_type = model_kind(cfg)
         self.type_combo.setCurrentText(model_type)
         if model_type == "beta-VAE":
             self.beta.setValue(cfg.beta / _size_scaled_beta(1.0, cfg.image_size))
