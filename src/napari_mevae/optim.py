@@ -32,6 +32,8 @@ def _load_kernel() -> Callable[..., None] | None:
     ~0.2 ms per step faster, and numba's thread pools would need a process-wide threading
     layer shared with UMAP (which the napari plugin may run while training)."""
     global _KERNEL
+    if _KERNEL is not None:  # every step after the first: no lock
+        return _KERNEL or None
     with _KERNEL_LOCK:
         if _KERNEL is None:
             _KERNEL = False
@@ -104,13 +106,12 @@ class FusedRMSprop(torch.optim.RMSprop):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = self._fused_work()
+        kernel = _load_kernel() if self._fusable() else None
+        work = None if kernel is None else self._fused_work()
         self.last_step_fused = work is not None
-        if work is None:
+        if kernel is None or work is None:
             super().step()
             return loss
-        kernel = _load_kernel()
-        assert kernel is not None  # _fused_work checked
         f32 = np.float32
         for group, state, sq, (pv, gv, sv) in work:
             if not state:  # as torch initialises it, so state dicts stay interchangeable
@@ -124,10 +125,8 @@ class FusedRMSprop(torch.optim.RMSprop):
         return loss
 
     def _fused_work(self) -> list[tuple] | None:
-        """What the fused loop would update, or ``None`` when torch's step must run: options
-        the loop does not implement, no kernel, or a tensor it cannot view flat."""
-        if not self._fusable() or _load_kernel() is None:
-            return None
+        """What the fused loop would update, or ``None`` when a tensor cannot be viewed flat
+        and torch's step must run."""
         work = []
         for group in self.param_groups:
             for p in group["params"]:
