@@ -203,8 +203,8 @@ def lincs(a: argparse.Namespace, work: Path) -> dict[str, dict]:
 def refresh_report(run: Path, test: Path, rep: dict, seed: int) -> dict:
     """Results written before ``invariance_report`` had its current keys: measure the
     checkpoint again with the current report (same draws, so the older keys come out the
-    same) and keep its keys.  A checkpoint
-    from before training measured the dimensions in use reports all of them as used."""
+    same) and keep its keys.  A checkpoint from before training measured the dimensions in use
+    reports all of them as used."""
     from napari_mevae.analysis import invariance_report
     from napari_mevae.folders import FolderTargets
     from napari_mevae.training import load_checkpoint

@@ -441,21 +441,30 @@ def cell_descriptors(crops: np.ndarray) -> np.ndarray:
     return np.stack(out, axis=1)
 
 
+def _descriptors_r2(
+    estimator: Any, latents: np.ndarray, crops: np.ndarray, folds: int, seed: int
+) -> float:
+    """Mean cross-validated R^2 (clipped to 0..1) of ``estimator`` predicting the standardised
+    :func:`cell_descriptors` of ``crops`` from ``latents``."""
+    from sklearn.model_selection import KFold, cross_val_predict
+
+    y = cell_descriptors(crops)
+    y = (y - y.mean(0)) / (y.std(0) + 1e-12)
+    cv = KFold(n_splits=folds, shuffle=True, random_state=seed)
+    pred = cross_val_predict(estimator, latents, y, cv=cv)
+    r2 = 1 - ((y - pred) ** 2).sum(0) / np.maximum((y**2).sum(0), 1e-12)
+    return float(np.clip(r2.mean(), 0.0, 1.0))
+
+
 def content_kept(latents: np.ndarray, crops: np.ndarray, folds: int = 5, seed: int = 0) -> float:
     """Cross-validated R^2 (0..1) of predicting :func:`cell_descriptors` of the canonical cells
     from the latents: how much of the cell the features keep, for any model."""
     from sklearn.linear_model import RidgeCV
-    from sklearn.model_selection import KFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    y = cell_descriptors(crops)
-    y = (y - y.mean(0)) / (y.std(0) + 1e-12)
     model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13)))
-    cv = KFold(n_splits=folds, shuffle=True, random_state=seed)
-    pred = cross_val_predict(model, latents, y, cv=cv)
-    r2 = 1 - ((y - pred) ** 2).sum(0) / np.maximum((y**2).sum(0), 1e-12)
-    return float(np.clip(r2.mean(), 0.0, 1.0))
+    return _descriptors_r2(model, latents, crops, folds, seed)
 
 
 def neighbour_content_kept(
@@ -469,20 +478,14 @@ def neighbour_content_kept(
     descriptors can be read from the latents at all, after standardising every dimension, so
     it also credits information held in dimensions that carry little of the variance, where
     the nuisance dominates the distances."""
-    from sklearn.model_selection import KFold, cross_val_predict
     from sklearn.neighbors import KNeighborsRegressor
 
     latents = np.asarray(latents, dtype=np.float64)
     if len(latents) < 2 * folds:
         raise ValueError(f"need at least {2 * folds} cells for {folds}-fold CV, got {len(latents)}")
-    y = cell_descriptors(crops)
-    y = (y - y.mean(0)) / (y.std(0) + 1e-12)
     n_train = len(latents) - -(-len(latents) // folds)  # the smallest training fold
     model = KNeighborsRegressor(n_neighbors=max(1, min(k, n_train)))
-    cv = KFold(n_splits=folds, shuffle=True, random_state=seed)
-    pred = cross_val_predict(model, latents, y, cv=cv)
-    r2 = 1 - ((y - pred) ** 2).sum(0) / np.maximum((y**2).sum(0), 1e-12)
-    return float(np.clip(r2.mean(), 0.0, 1.0))
+    return _descriptors_r2(model, latents, crops, folds, seed)
 
 
 def principal_subspace(latents: np.ndarray, keep: float = 0.99) -> np.ndarray:
