@@ -33,6 +33,23 @@ KEYS = (
 )
 
 
+def measured_model(run: str, train: np.ndarray, seed: int = 0):  # -> MEVAE
+    """The checkpoint's model, in eval mode, with the latent dimensions in use known: the
+    trainer's own record, or for older checkpoints measured here on the ``train`` crops."""
+    from napari_mevae.analysis import encode, encoder_nuisances, paired_inputs
+    from napari_mevae.training import load_checkpoint
+
+    model = load_checkpoint(run).build_model("cpu").eval()
+    if not model.activity_measured:  # trained before the trainer kept its own record
+        views = train
+        if model.config.n_encoders > 1:
+            nuisances = encoder_nuisances(model) or ["rotation"] * model.config.n_encoders
+            views = paired_inputs(train, nuisances, np.random.default_rng(seed + 1))[0]
+        z = encode(model, views, inactive_to_zero=False)
+        model.latent_variance.copy_(torch.from_numpy(z.var(0)))
+    return model
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("runs", nargs="+", help="checkpoints or training save_dirs")
@@ -42,23 +59,15 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
 
-    from napari_mevae.analysis import encode, encoder_nuisances, invariance_report, paired_inputs
+    from napari_mevae.analysis import invariance_report
     from napari_mevae.folders import FolderTargets
-    from napari_mevae.training import load_checkpoint
 
     train = np.asarray(FolderTargets(a.train, a.size, 1).array)
     test = np.asarray(FolderTargets(a.test, a.size, 1).array)
     print("| run | " + " | ".join(KEYS) + " |")
     print("|---" * (len(KEYS) + 1) + "|")
     for run in a.runs:
-        model = load_checkpoint(run).build_model("cpu").eval()
-        if not model.activity_measured:  # trained before the trainer kept its own record
-            views = train
-            if model.config.n_encoders > 1:
-                nuisances = encoder_nuisances(model) or ["rotation"] * model.config.n_encoders
-                views = paired_inputs(train, nuisances, np.random.default_rng(a.seed + 1))[0]
-            z = encode(model, views, inactive_to_zero=False)
-            model.latent_variance.copy_(torch.from_numpy(z.var(0)))
+        model = measured_model(run, train, a.seed)
         rep = invariance_report(model, test, seed=a.seed)
         print(f"| {run} | " + " | ".join(f"{rep.get(k, float('nan')):.3f}" for k in KEYS) + " |")
 

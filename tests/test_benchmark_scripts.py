@@ -70,3 +70,79 @@ def test_tables_show_both_content_measures(run_and_test):
         same = f"{rep['neighbour_content_kept']:.2f}"
         paired = f"{rep['paired_neighbour_content_kept']:.2f}"
         assert neighbours == f"{same} / {paired}"
+
+
+feature_scale = pytest.importorskip("feature_scale")
+dims_in_use = pytest.importorskip("dims_in_use")
+
+
+def test_signed_root_undoes_a_product_and_keeps_the_sign():
+    a = np.array([[2.0, -3.0, 0.5, 0.0]])
+    assert feature_scale.signed_root(a * a, 2) == pytest.approx(np.abs(a))
+    assert feature_scale.signed_root(-(a * a), 2) == pytest.approx(-np.abs(a))
+    assert feature_scale.signed_root(a, 1) == pytest.approx(a)
+
+
+def test_feature_scale_reads_the_reports_paired_features(run_and_test):
+    """Its "features" column must be invariance_report's paired numbers (same draws), so the
+    root column differs only by the transform."""
+    run, test = run_and_test
+    model = load_checkpoint(run).build_model("cpu").eval()
+    crops = np.asarray(FolderTargets(test / "OutputImages", 32, 1).array)
+    rep = invariance_report(model, crops, seed=0)
+    out = feature_scale.measure(model, crops, seed=0)
+    assert out["K"] == 2 and out["dims"] == 3  # the unused dimensions are 0 in the features
+    assert out["content_features"] == pytest.approx(rep["paired_content_kept"], abs=1e-12)
+    assert out["neighbours_features"] == pytest.approx(
+        rep["paired_neighbour_content_kept"], abs=1e-12
+    )
+    assert out["rotation_features"] == pytest.approx(rep["paired_rotation_leakage"], abs=1e-12)
+    assert out["polarity_features"] == pytest.approx(rep["paired_polarity_leakage"], abs=1e-12)
+    assert len(out["per_descriptor_features"]) == len(feature_scale.DESCRIPTORS)
+    assert all(0 <= v <= 1 for v in out["per_descriptor_root"])
+    assert out["max_abs_skew"] >= 0
+
+
+def test_feature_scale_one_encoder_root_is_the_features(tmp_path, run_and_test):
+    _, test = run_and_test
+    torch.manual_seed(1)
+    model = MEVAE(preset("tiny", n_encoders=1)).eval()
+    crops = np.asarray(FolderTargets(test / "OutputImages", 32, 1).array)
+    out = feature_scale.measure(model, crops, seed=0)
+    rep = invariance_report(model, crops, seed=0)
+    for key, report_key in (
+        ("content", "content_kept"),
+        ("neighbours", "neighbour_content_kept"),
+        ("rotation", "rotation_leakage"),
+        ("polarity", "polarity_leakage"),
+    ):
+        assert out[f"{key}_features"] == out[f"{key}_root"]
+        assert out[f"{key}_features"] == pytest.approx(rep[report_key], abs=1e-12)
+
+
+def test_measured_model_measures_dims_of_old_checkpoints(tmp_path, run_and_test):
+    _, test = run_and_test
+    torch.manual_seed(2)
+    model = MEVAE(preset("tiny", n_encoders=2))
+    save_checkpoint(tmp_path / "old", model)  # no trainer record: latent_variance all NaN
+    crops = np.asarray(FolderTargets(test / "OutputImages", 32, 1).array)
+    measured = dims_in_use.measured_model(str(tmp_path / "old"), crops, seed=0)
+    assert measured.activity_measured and not measured.training
+    assert torch.isfinite(measured.latent_variance).all()
+    # a checkpoint with the trainer's record keeps it
+    run, _ = run_and_test
+    kept = dims_in_use.measured_model(str(run), crops, seed=0)
+    assert kept.latent_variance[:3].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_feature_scale_prints_one_row_per_run(run_and_test, monkeypatch, capsys):
+    run, test = run_and_test
+    argv = ["feature_scale.py", "--train", str(test / "OutputImages")]
+    argv += ["--test", str(test / "OutputImages"), str(run), str(run)]
+    monkeypatch.setattr(sys, "argv", argv)
+    feature_scale.main()
+    header, rule, *rows = capsys.readouterr().out.strip().splitlines()
+    assert len(rows) == 2
+    assert header.count("|") == rule.count("|") == rows[0].count("|")
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[0] == str(run) and cells[1:3] == ["2", "3"]

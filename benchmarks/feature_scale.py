@@ -1,0 +1,138 @@
+"""How much of the linear probe's verdict is the product's heavy tails?  Diagnosis for
+docs/benchmarks.md ("Content kept").
+
+    python benchmarks/feature_scale.py --train train/OutputImages --test test/OutputImages RUN/ ...
+
+A multi-encoder model's features are the product of K encoder means, so each dimension is
+distributed like a product of K roughly normal numbers: heavy-tailed, a few cells far out.
+A linear probe that standardises every dimension is then fitted mostly to those few cells.
+For each run this prints, in the paired protocol and with the same draws as
+``analysis.invariance_report``:
+
+- the dimensions in use and the largest |skewness| among them;
+- content kept (linear probe and by neighbours), rotation and polarity leakage, each read
+  from the features as exported and from their signed K-th root ``sign(z) |z|^(1/K)``
+  (a monotone map per dimension: the same information, on the scale of one encoder's mean);
+- the linear probe's R^2 per cell descriptor, for both.
+
+One-encoder models (VAE, beta-VAE) are their own root; for them both columns agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from dims_in_use import measured_model  # benchmarks/ is on sys.path when run as a script
+
+PAIRED = ("content", "neighbours", "rotation", "polarity")
+DESCRIPTORS = ("intensity", "area", "radius", "elongation", "spread")
+
+
+def signed_root(z: np.ndarray, k: int) -> np.ndarray:
+    """``sign(z) |z|^(1/k)``: the geometric mean of k factors whose product is ``z``."""
+    return np.sign(z) * np.abs(z) ** (1.0 / k)
+
+
+def paired_features(model, crops: np.ndarray, seed: int = 0):  # -> (z, angles, z_flip, flips)
+    """The features ``invariance_report`` reads for its ``paired_*`` keys, with its draws:
+    for the rotation probe and content (``z``) and for the polarity probe (``z_flip``).  A
+    one-encoder model has nothing to pair; the report reads its rotated and its flipped cells.
+    """
+    from napari_mevae.analysis import encode, encoder_nuisances, paired_inputs
+    from napari_mevae.transforms import draw_and_apply
+
+    rng = np.random.default_rng(seed)
+    rotated, angles = draw_and_apply(crops, "rotation", rng)
+    flipped, flips = draw_and_apply(crops, "polarity", rng)
+    draw_and_apply(rotated, "polarity", rng)  # the report's third draw: keeps the stream aligned
+    if model.config.n_encoders == 1:
+        return encode(model, rotated), angles, encode(model, flipped), flips
+    inputs, p_angles, p_flips = paired_inputs(crops, encoder_nuisances(model), rng)
+    z = encode(model, inputs)
+    return z, p_angles, z, p_flips
+
+
+def per_descriptor_r2(z: np.ndarray, crops: np.ndarray, seed: int = 0) -> np.ndarray:
+    """``content_kept``'s probe, one cross-validated R^2 per descriptor."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import KFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from napari_mevae.analysis import cell_descriptors
+
+    y = cell_descriptors(crops)
+    y = (y - y.mean(0)) / (y.std(0) + 1e-12)
+    probe = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13)))
+    pred = cross_val_predict(probe, z, y, cv=KFold(5, shuffle=True, random_state=seed))
+    return np.clip(1 - ((y - pred) ** 2).sum(0) / (y**2).sum(0), 0, 1)
+
+
+def measure(model, crops: np.ndarray, seed: int = 0) -> dict[str, object]:
+    from napari_mevae.analysis import (
+        angle_leakage,
+        content_kept,
+        discrete_leakage,
+        neighbour_content_kept,
+    )
+
+    z, angles, z_flip, flips = paired_features(model, crops, seed)
+    used = np.abs(z).sum(0) > 0
+    zu = z[:, used]
+    skew = ((zu - zu.mean(0)) ** 3).mean(0) / np.maximum(zu.std(0), 1e-12) ** 3
+    out: dict[str, object] = {
+        "K": model.config.n_encoders,
+        "dims": int(used.sum()),
+        "max_abs_skew": float(np.abs(skew).max()) if used.any() else 0.0,
+    }
+    k = model.config.n_encoders
+    for name, f, f_flip in (
+        ("features", z, z_flip),
+        ("root", signed_root(z, k), signed_root(z_flip, k)),
+    ):
+        out[f"content_{name}"] = content_kept(f, crops, seed=seed)
+        out[f"neighbours_{name}"] = neighbour_content_kept(f, crops, seed=seed)
+        out[f"rotation_{name}"] = angle_leakage(f, angles, seed=seed)
+        out[f"polarity_{name}"] = discrete_leakage(f_flip, flips, seed=seed)
+        out[f"per_descriptor_{name}"] = per_descriptor_r2(f, crops, seed).tolist()
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("runs", nargs="+", help="checkpoints or training save_dirs")
+    p.add_argument("--train", required=True, help="folder of canonical training crops")
+    p.add_argument("--test", required=True, help="folder of canonical test crops")
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+
+    from napari_mevae.folders import FolderTargets
+
+    train = np.asarray(FolderTargets(a.train, a.size, 1).array)
+    test = np.asarray(FolderTargets(a.test, a.size, 1).array)
+    print(
+        "| run | K | dims in use | max abs skewness | content kept: features / root "
+        "| by neighbours: features / root | rotation leakage: features / root "
+        "| polarity leakage: features / root | per descriptor, linear ("
+        + ", ".join(DESCRIPTORS)
+        + "): features / root |"
+    )
+    print("|---" * 9 + "|")
+    for run in a.runs:
+        r = measure(measured_model(run, train, a.seed), test, a.seed)
+        pair = {k: f"{r[k + '_features']:.2f} / {r[k + '_root']:.2f}" for k in PAIRED}
+        per = " / ".join(
+            " ".join(f"{v:.2f}" for v in r[f"per_descriptor_{n}"]) for n in ("features", "root")
+        )
+        print(
+            f"| {run} | {r['K']} | {r['dims']} | {r['max_abs_skew']:.1f} | {pair['content']} "
+            f"| {pair['neighbours']} | {pair['rotation']} | {pair['polarity']} | {per} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
