@@ -565,3 +565,17 @@ def test_kl_warmup_flag_reaches_the_trainer(lincs64, tmp_path, monkeypatch):
     assert seen[-1].kl_warmup == 3.0
     assert main([*argv, "--phase", "train"]) == 0  # default: off, as the reference
     assert seen[-1].kl_warmup == 0.0
+
+
+def test_precision_flag_reaches_the_trainer_and_is_announced(lincs64, tmp_path, capsys):
+    out = tmp_path / "half"
+    argv = ["train", *pair_args(lincs64), "--save_dir", str(out), "--epochs", "1", *SMALL]
+    argv += ["--verbose", "1"]  # announce the run
+    assert main([*argv, "--precision", "fp16"]) == 0
+    assert "(float16 autocast, loss scaling)" in capsys.readouterr().err
+    assert (out / "models" / "checkpoint.pt").is_file()
+    assert main([*argv, "--precision", "float32", "--save_dir", str(tmp_path / "f32")]) == 0
+    assert "(float32)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*argv, "--precision", "half"])
+    assert "invalid choice: 'half'" in capsys.readouterr().err

@@ -358,7 +358,8 @@ def test_bf16_option_trains_with_float32_weights():
     ds = Blobs()
     opts = TrainOptions(epochs=4, batch_size=8, learn_rate=2e-3, seed=1, precision="bf16")
     trainer = Trainer(preset("tiny", latent_dim=4), ds, opts)
-    assert trainer._bf16 == bf16_supported(trainer.device)
+    assert (trainer._autocast == torch.bfloat16) == bf16_supported(trainer.device)
+    assert trainer.scaler is None  # bf16 has float32's range: no loss scaling
     reports = list(trainer.run())
     epochs = [r.loss for r in reports if r.kind == "epoch"]
     assert all(math.isfinite(v) for v in epochs) and epochs[-1] < epochs[0]
@@ -378,13 +379,66 @@ def test_precision_auto_follows_the_hardware(monkeypatch):
     monkeypatch.setattr(training, "_cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
     assert training.resolve_precision("auto", cpu) == "bf16"
     trainer = Trainer(preset("tiny"), Blobs(), TrainOptions(epochs=1, batch_size=8))
-    assert trainer.precision == "bf16" and trainer._bf16
+    assert trainer.precision == "bf16" and trainer._autocast == torch.bfloat16
     pinned = Trainer(preset("tiny"), Blobs(), TrainOptions(precision="float32", batch_size=8))
-    assert pinned.precision == "float32" and not pinned._bf16
+    assert pinned.precision == "float32" and pinned._autocast is None and pinned.scaler is None
     monkeypatch.setattr(training, "bf16_supported", lambda device: False)
     assert training.resolve_precision("bf16", cpu) == "float32"  # unsupported: float32
-    with pytest.raises(ValueError, match="precision must be one of auto, float32, bf16"):
-        TrainOptions(precision="fp16").validate()
+    assert training.resolve_precision("fp16", cpu) == "fp16"  # asked for: emulated, but runs
+    assert training.resolve_precision("auto", torch.device("mps")) == "float32"
+    with pytest.raises(ValueError, match="precision must be one of auto, float32, bf16, fp16"):
+        TrainOptions(precision="half").validate()
+
+
+def test_precision_auto_on_gpus_with_and_without_native_bf16(monkeypatch):
+    """Ampere and later run bf16 natively; on a T4 or V100 torch only emulates bf16 (its
+    ``is_bf16_supported()`` still says True), and float16 with loss scaling is the fast AMP."""
+    from napari_mevae import training
+
+    cuda = torch.device("cuda")
+    major = {"value": 7}
+
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        return major["value"] >= 8 or including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert training.resolve_precision("auto", cuda) == "fp16"  # T4 / V100
+    assert training.resolve_precision("bf16", cuda) == "bf16"  # asked for: emulated
+    assert training.resolve_precision("fp16", cuda) == "fp16"
+    major["value"] = 8
+    assert training.resolve_precision("auto", cuda) == "bf16"  # A100, RTX 30xx and later
+    assert training.resolve_precision("float32", cuda) == "float32"
+
+
+def test_fp16_trains_with_loss_scaling_and_float32_weights(tmp_path):
+    """The float16 path as it runs on CUDA GPUs without bf16, here on the CPU (which
+    emulates float16): autocast, a GradScaler sized to the S^2-scaled loss, float32 weights,
+    and checkpoints that load in any precision."""
+    ds = Blobs()
+    opts = TrainOptions(
+        epochs=4, batch_size=8, learn_rate=2e-3, seed=1, precision="fp16", save_dir=tmp_path
+    )
+    trainer = Trainer(preset("tiny", latent_dim=4), ds, opts)
+    assert trainer.precision == "fp16" and trainer._autocast == torch.float16
+    size = trainer.model_unwrapped.config.image_size
+    assert trainer.scaler is not None and trainer.scaler.get_scale() == 2.0**16 / size**2
+    terms = trainer._eager_forward_loss(*(t[None].float() for t in ds[0]))
+    assert terms["loss"].dtype == torch.float32  # the loss in float32, the forward in float16
+    before = [p.detach().clone() for p in trainer.model_unwrapped.parameters()]
+    reports = list(trainer.run())
+    epochs = [r.loss for r in reports if r.kind == "epoch"]
+    assert all(math.isfinite(v) for v in epochs) and epochs[-1] < epochs[0]
+    params = list(trainer.model_unwrapped.parameters())
+    assert all(p.dtype == torch.float32 for p in params)
+    assert any(not torch.equal(a, b) for a, b in zip(before, params, strict=True))
+    # no step overflowed at this first scale: it never had to back off
+    assert trainer.scaler.get_scale() == 2.0**16 / size**2
+    ckpt = load_checkpoint(tmp_path)
+    model = ckpt.build_model("cpu")
+    for a, b in zip(model.parameters(), params, strict=True):
+        assert torch.equal(a, b.detach())
+    more = Trainer(model, ds, TrainOptions(epochs=1, batch_size=8, precision="float32"), ckpt)
+    assert [r.kind for r in more.run()][-1] == "end"
 
 
 @pytest.mark.slow

@@ -27,6 +27,12 @@ import numpy as np
 log = logging.getLogger("mevae")
 
 MODEL_CHOICES = ("mevae", "vae", "betavae")
+#: how the run's precision (training.PRECISIONS after "auto") is announced
+PRECISION_NAMES = {
+    "float32": " (float32)",
+    "bf16": " (bf16 autocast)",
+    "fp16": " (float16 autocast, loss scaling)",
+}
 
 
 class CLIError(Exception):
@@ -143,10 +149,12 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--precision",
-        choices=("auto", "float32", "bf16"),
+        choices=("auto", *PRECISION_NAMES),
         default="auto",
-        help="auto (default): bfloat16 autocast where the CPU/GPU runs it natively, else "
-        "float32; float32: never bf16; bf16: wherever supported. Weights and loss stay float32",
+        help="auto (default): bfloat16 autocast where the CPU/GPU runs it natively, float16 "
+        "with loss scaling on older CUDA GPUs (T4, V100), else float32; float32: neither; "
+        "bf16: wherever supported; fp16: float16 with loss scaling. Weights and loss stay "
+        "float32",
     )
     g.add_argument("--bf16", action="store_true", help="same as --precision bf16")
 
@@ -488,7 +496,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         _say(
             args,
             f"training {_describe(config)} on {len(data.dataset)} pairs, device {trainer.device}"
-            + (" (bf16 autocast)" if trainer.precision == "bf16" else " (float32)")
+            + PRECISION_NAMES[trainer.precision]
             + (f", {world} processes" if world > 1 else ""),
         )
     log_path = save_dir / "training.log"

@@ -54,7 +54,7 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, unsafe or does not fit the data/model."""
 
 
-PRECISIONS = ("auto", "float32", "bf16")
+PRECISIONS = ("auto", "float32", "bf16", "fp16")
 
 
 @dataclass
@@ -78,9 +78,11 @@ class TrainOptions:
     # compile: torch.compile the model (inductor); pays only for long runs (compile takes ~1 min).
     compile: bool = False
     # precision: "auto" = bfloat16 autocast for the forward pass where the hardware runs bf16
-    # natively (CPUs with avx512_bf16 / AMX, bf16-capable GPUs), float32 elsewhere; "bf16"
-    # asks for it wherever oneDNN / the GPU supports it; "float32" never uses it.  Weights,
-    # optimizer and loss stay float32 (docs/benchmarks.md: 1.3-1.7x faster than float32 here,
+    # natively (CPUs with avx512_bf16 / AMX, GPUs from Ampere on), float16 autocast with loss
+    # scaling on older CUDA GPUs (Volta, Turing: T4, V100), float32 elsewhere; "bf16" asks for
+    # bf16 wherever oneDNN / the GPU supports it, even emulated; "fp16" for float16 with loss
+    # scaling (CUDA; CPUs emulate it slowly); "float32" never uses either.  Weights, optimizer
+    # and loss stay float32 (docs/benchmarks.md: bf16 1.3-1.7x faster than float32 here,
     # invariance within the float32 seed-to-seed spread).
     precision: str = "auto"
     # tune_malloc: on Linux/glibc, keep large freed blocks in the heap while training instead of
@@ -427,6 +429,11 @@ def bf16_supported(device: torch.device) -> bool:
     return False
 
 
+def fp16_supported(device: torch.device) -> bool:
+    """float16 autocast and loss scaling run: any CUDA GPU, and CPUs (emulated, slow)."""
+    return device.type in ("cuda", "cpu")
+
+
 def _cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as fh:
@@ -440,19 +447,30 @@ def _cpu_flags() -> set[str]:
 
 def bf16_native(device: torch.device) -> bool:
     """bfloat16 runs in hardware (faster than float32): CPUs with avx512_bf16 or AMX (Linux),
-    bf16-capable GPUs.  On AVX-512 CPUs without them oneDNN only emulates bf16."""
+    GPUs from Ampere on (compute capability 8).  On AVX-512 CPUs without them oneDNN only
+    emulates bf16, and so does torch on older GPUs (T4, V100), where float16 is the fast one."""
     if device.type == "cpu":
         return bf16_supported(device) and bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
-    return bf16_supported(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return False
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """The precision a run actually uses: ``"bf16"`` or ``"float32"``."""
+    """The precision a run actually uses: ``"bf16"``, ``"fp16"`` or ``"float32"``."""
     if precision == "bf16":
         return "bf16" if bf16_supported(device) else "float32"
+    if precision == "fp16":
+        return "fp16" if fp16_supported(device) else "float32"
     if precision == "auto":
-        return "bf16" if bf16_native(device) else "float32"
+        if bf16_native(device):
+            return "bf16"
+        return "fp16" if device.type == "cuda" else "float32"
     return "float32"
+
+
+#: autocast dtype of each reduced precision
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # -- the trainer -----------------------------------------------------------------------------
@@ -528,9 +546,20 @@ class Trainer:
         )
         self._stop = False
         self.last_checkpoint: Path | None = None
-        # the precision in use ("bf16" or "float32"), after "auto" and hardware checks
+        # the precision in use ("bf16", "fp16" or "float32"), after "auto" and hardware checks
         self.precision = resolve_precision(self.options.precision, self.device)
-        self._bf16 = self.precision == "bf16"
+        self._autocast = AUTOCAST_DTYPES.get(self.precision)
+        # float16 gradients underflow (and overflow) where float32 ones do not: scale the loss.
+        # The loss is a per-pixel mean x S^2, so torch's usual first scale (2^16, made for
+        # mean losses) is divided by S^2; otherwise the first steps all overflow and are skipped.
+        self.scaler = (
+            torch.amp.GradScaler(
+                self.device.type,
+                init_scale=max(2.0**16 / model_config(self.model).image_size ** 2, 1.0),
+            )
+            if self.precision == "fp16"
+            else None
+        )
         self._forward_loss = (
             torch.compile(self._eager_forward_loss) if self.options.compile else None
         ) or self._eager_forward_loss
@@ -620,9 +649,10 @@ class Trainer:
     def _eager_forward_loss(
         self, inputs: torch.Tensor, target: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._bf16):
+        dtype = self._autocast or torch.bfloat16  # any dtype when disabled
+        with torch.autocast(self.device.type, dtype=dtype, enabled=self._autocast is not None):
             out = self.model(inputs)
-        if self._bf16:  # the loss in float32, whatever the forward ran in
+        if self._autocast is not None:  # the loss in float32, whatever the forward ran in
             out = VAEOutput(*(t.float() for t in (out.recon_logits, out.means, out.logvars, out.z)))
         terms = _unwrap(self.model).loss(out, target)
         # sum and sum of squares of the fused means: which latent dimensions are in use
@@ -686,11 +716,21 @@ class Trainer:
                             f"loss became {vals[0]} at epoch {epoch + 1}, step {step + 1}; "
                             "training stopped and the last good weights were kept "
                             f"({'checkpoint ' + str(self.last_checkpoint) if self.last_checkpoint else 'in memory'}). "
-                            "Try a lower learning rate or check the images for NaN/inf pixels."
+                            "Try a lower learning rate or check the images for NaN/inf pixels"
+                            + (
+                                ", or --precision float32 (float16 overflowed?)."
+                                if self.precision == "fp16"
+                                else "."
+                            )
                         )
                     self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    self.optimizer.step()
+                    if self.scaler is None:
+                        loss.backward()
+                        self.optimizer.step()
+                    else:  # skips the update when a scaled gradient overflowed
+                        self.scaler.scale(loss).backward()
+                        self.scaler.step(self.optimizer)
+                        self.scaler.update()
                     moments += terms["latent_moments"].to("cpu", torch.float64)
                     n = target.shape[0]
                     sums += vals * n

@@ -29,7 +29,7 @@ __all__ = [
 
 #: training precisions, as napari_mevae.training.PRECISIONS (kept here: importing training
 #: would import torch when napari opens)
-PRECISIONS = ("auto", "float32", "bf16")
+PRECISIONS = ("auto", "float32", "bf16", "fp16")
 
 #: model type shown in the widget -> model preset of the core
 MODEL_TYPES = {"ME-VAE": "mevae", "VAE": "vae", "beta-VAE": "betavae"}

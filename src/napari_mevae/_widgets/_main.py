@@ -416,7 +416,8 @@ class ModelPanel(_Panel):
         self.precision = QComboBox()
         self.precision.addItems(list(PRECISIONS))
         self.precision.setToolTip(
-            "auto: bfloat16 where the CPU/GPU runs it natively (faster), else float32. "
+            "auto: bfloat16 where the CPU/GPU runs it natively (faster), float16 with loss "
+            "scaling on older CUDA GPUs (T4, V100), else float32. "
             "Weights and loss always stay float32"
         )
         self.autosave = QLineEdit()
