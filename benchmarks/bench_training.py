@@ -96,14 +96,15 @@ def plain_loss(recon, target, posteriors, size):
     return F.binary_cross_entropy(recon, target) * size * size + (sum(kls) / len(kls)).mean()
 
 
-def plain_steps(dataset, size: int, batch: int):
+def plain_steps(dataset, size: int, batch: int, device: str = "cpu"):
     """Endless plain training loop; yields the batch size after every optimizer step."""
-    model = PlainMEVAE(size=size)
+    model = PlainMEVAE(size=size).to(device)
     opt = torch.optim.RMSprop(model.parameters(), lr=5e-4)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True)
     model.train()
     while True:
         for x, target in loader:
+            x, target = x.to(device), target.to(device)
             recon, p1, p2 = model(x)
             loss = plain_loss(recon, target, [p1, p2], size)
             opt.zero_grad()
@@ -112,10 +113,11 @@ def plain_steps(dataset, size: int, batch: int):
             yield x.shape[0]
 
 
-def project_steps(dataset, size: int, batch: int, options: dict):
+def project_steps(dataset, size: int, batch: int, options: dict, device: str = "cpu"):
     from napari_mevae.model import preset
     from napari_mevae.training import Trainer, TrainOptions
 
+    options = {"device": device, **options}
     opts = TrainOptions(batch_size=batch, epochs=10**6, seed=0, earlystop=False, **options)
     trainer = Trainer(preset("reference", image_size=size, latent_dim=LATENT), dataset, opts)
     for report in trainer.run():
@@ -138,13 +140,15 @@ def make_data(n: int, size: int, seed: int = 0) -> torch.utils.data.TensorDatase
 
 
 # -- workers ------------------------------------------------------------------------------------
-def worker(conn, kind: str, size: int, batch: int, n_images: int, options: dict) -> None:
+def worker(
+    conn, kind: str, size: int, batch: int, n_images: int, options: dict, device: str
+) -> None:
     torch.manual_seed(0)
     data = make_data(n_images, size)
     steps = (
-        plain_steps(data, size, batch)
+        plain_steps(data, size, batch, device)
         if kind == "plain"
-        else project_steps(data, size, batch, options)
+        else project_steps(data, size, batch, options, device)
     )
     conn.send("ready")
     while True:
@@ -157,14 +161,20 @@ def worker(conn, kind: str, size: int, batch: int, n_images: int, options: dict)
             images += next(steps)
             if time.perf_counter() - t0 >= block_s:
                 break
+        if device.startswith("cuda"):  # the GPU may still be working through queued steps
+            torch.cuda.synchronize()
         conn.send((images, time.perf_counter() - t0))
 
 
 class Runner:
-    def __init__(self, kind: str, size: int, batch: int, n_images: int, options: dict) -> None:
+    def __init__(
+        self, kind: str, size: int, batch: int, n_images: int, options: dict, device: str = "cpu"
+    ) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=worker, args=(child, kind, size, batch, n_images, options))
+        self.proc = ctx.Process(
+            target=worker, args=(child, kind, size, batch, n_images, options, device)
+        )
         self.proc.start()
         t0 = time.perf_counter()
         assert self.conn.recv() == "ready"
@@ -197,13 +207,16 @@ def flops_per_image(size: int, batch: int) -> float:
     return counter.get_total_flops() / batch
 
 
-def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(n: int = 2048, reps: int = 5, device: str = "cpu") -> float:
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     torch.mm(a, b)
+    sync()
     best = []
     for _ in range(reps):
         t0 = time.perf_counter()
         torch.mm(a, b)
+        sync()
         best.append(time.perf_counter() - t0)
     return 2 * n**3 / statistics.median(best) / 1e9
 
@@ -252,9 +265,9 @@ def run(args) -> str:
     for size, batch in configs:
         n_images = exact_batches(args.images, batch)
         fpi = flops_per_image(size, batch)
-        runners = {"plain": Runner("plain", size, batch, n_images, {})}
+        runners = {"plain": Runner("plain", size, batch, n_images, {}, args.device)}
         for name, opts in variants:
-            runners[name] = Runner("project", size, batch, n_images, opts)
+            runners[name] = Runner("project", size, batch, n_images, opts, args.device)
         names = list(runners)
         # warm-up: oneDNN primitive caches, first-touch memory, torch.compile if enabled
         warm = {name: r.block(args.warmup)[1] for name, r in runners.items()}
@@ -263,7 +276,7 @@ def run(args) -> str:
             order = names if rnd % 2 == 0 else names[::-1]
             for name in order:
                 ips[name].append(runners[name].block(block_s)[0])
-            peaks.append(matmul_gflops())
+            peaks.append(matmul_gflops(device=args.device))
             print(
                 f"  S={size} B={batch} round {rnd + 1}/{rounds}: "
                 + ", ".join(f"{n} {ips[n][-1]:.1f}" for n in names)
@@ -286,10 +299,16 @@ def report(rows, extra_rows, peak, args, rounds, block_s) -> str:
     cmd = "python benchmarks/bench_training.py" + (" --quick" if args.quick else "")
     cmd += f" --configs {args.configs}" if args.configs else ""
     cmd += "".join(f" --variant {v}" for v in args.variant)
+    cmd += f" --device {args.device}" if args.device != "cpu" else ""
     from napari_mevae.training import resolve_precision
 
     bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    precision = resolve_precision("auto", torch.device("cpu"))
+    precision = resolve_precision("auto", torch.device(args.device))
+    gpu = (
+        f" GPU: {torch.cuda.get_device_name(torch.device(args.device))}, both sides on it."
+        if args.device.startswith("cuda")
+        else ""
+    )
     lines = [
         SECTION,
         "",
@@ -297,8 +316,9 @@ def report(rows, extra_rows, peak, args, rounds, block_s) -> str:
         "",
         f"Machine: {cpu_model()}, {os.cpu_count()} logical CPU(s), torch {torch.__version__}, "
         f"{torch.get_num_threads()} intra-op threads (default), Python {platform.python_version()}; "
-        f"CPU flags: {cpu_flags()}; oneDNN bf16 usable: {bf16}.",
-        f"Measured float32 matmul peak (2048x2048 torch.mm, median): **{peak:.0f} GFLOP/s**.",
+        f"CPU flags: {cpu_flags()}; oneDNN bf16 usable: {bf16}.{gpu}",
+        f"Measured float32 matmul peak (2048x2048 torch.mm on {args.device}, median): "
+        f"**{peak:.0f} GFLOP/s**.",
         "",
         f"Reference architecture, K=2, latent {LATENT}, 1 channel. Plain = eager nn.Module written "
         "in the benchmark (sigmoid + BCE, RMSprop, DataLoader); project = "
@@ -357,7 +377,15 @@ def main(argv=None) -> int:
     )
     p.add_argument("--configs", default="", help="e.g. 128x10,64x64 (image_size x batch)")
     p.add_argument("--no-write", action="store_true", help="print only, leave docs alone")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (default) or cuda[:N]: both sides train there; the project side with its "
+        "default precision (bf16 or float16 autocast on GPUs)",
+    )
     args = p.parse_args(argv)
+    if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
+        p.error(f"--device {args.device}: only cpu, or cuda on a machine with a CUDA GPU")
     section = run(args)
     print(section)
     if not args.no_write:

@@ -146,3 +146,27 @@ def test_feature_scale_prints_one_row_per_run(run_and_test, monkeypatch, capsys)
     assert header.count("|") == rule.count("|") == rows[0].count("|")
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
     assert cells[0] == str(run) and cells[1:3] == ["2", "3"]
+
+
+bench_training = pytest.importorskip("bench_training")
+
+
+def test_training_benchmark_runs_end_to_end_on_a_tiny_configuration(capsys):
+    """The documented throughput benchmark, shrunk: both sides train in their own process and
+    the table comes out with a ratio (the numbers themselves are not asserted: a smoke run)."""
+    argv = ["--configs", "16x4", "--rounds", "2", "--block", "0.2", "--warmup", "0.2"]
+    assert bench_training.main([*argv, "--images", "8", "--no-write"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| 16 | 4 |"))
+    cells = [c.strip().strip("*") for c in row.strip("|").split("|")]
+    plain, project, ratio = float(cells[2]), float(cells[3]), float(cells[4].rstrip("x"))
+    assert plain > 0 and project > 0 and ratio > 0
+    assert "torch.mm on cpu" in out
+
+
+def test_training_benchmark_refuses_a_device_it_cannot_use(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    with pytest.raises(SystemExit):
+        bench_training.main(["--device", "cuda", "--no-write"])
+    assert "only cpu, or cuda on a machine with a CUDA GPU" in capsys.readouterr().err
