@@ -195,8 +195,13 @@ def test_kl_warmup_and_precision_reach_the_trainer(extracted, qtbot, notes):
     assert m.precision.currentText() == "auto" and m.kl_warmup.value() == 0  # library defaults
     m.kl_warmup.setValue(3)
     m.precision.setCurrentText("float32")
+    shown = []
+    set_text = m.status.setText
+    m.status.setText = lambda text: (shown.append(text), set_text(text))  # type: ignore[method-assign]
     _train(qtbot, widget, epochs=1)
     assert not notes["error"], notes["error"]
+    # the step status says where and in what precision the run trains
+    assert any(t.startswith("Epoch 1/1, step") and "cells/s on cpu, float32)" in t for t in shown)
     trainer = m.job.trainer
     assert trainer.options.kl_warmup == 3.0
     assert trainer.options.precision == "float32" and trainer.precision == "float32"

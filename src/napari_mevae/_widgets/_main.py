@@ -577,6 +577,7 @@ class ModelPanel(_Panel):
         self._model_type = model_type
         self._preview = preview
         self._run_start_epoch = 0
+        self._run_desc = ""
         if model is None:
             self.loss_plot.clear()
         self.progress.setRange(0, self.epochs.value() * self._steps)
@@ -600,8 +601,10 @@ class ModelPanel(_Panel):
         kind, report, extra = msg
         if kind == "started":
             self._steps = int(extra)
-            start = self.job.trainer.start_epoch if self.job and self.job.trainer else 0
-            self._run_start_epoch = start
+            trainer = self.job.trainer if self.job else None
+            self._run_start_epoch = trainer.start_epoch if trainer else 0
+            # what "auto" resolved to, e.g. "cpu, bf16": shown with the speed
+            self._run_desc = f"{trainer.device.type}, {trainer.precision}" if trainer else ""
             self.progress.setRange(0, max(1, self.epochs.value() * self._steps))
             return
         done_steps = (report.epoch - self._run_start_epoch) * self._steps + report.step
@@ -613,7 +616,8 @@ class ModelPanel(_Panel):
             self.status.setText(
                 f"Epoch {report.epoch + 1}/{report.epochs}, step {report.step}/"
                 f"{report.steps_per_epoch}: loss {report.loss:.2f} "
-                f"({report.images_per_s:.0f} cells/s)"
+                f"({report.images_per_s:.0f} cells/s"
+                + (f" on {self._run_desc})" if self._run_desc else ")")
             )
         elif kind == "epoch":
             self.progress.setValue(min(self.progress.maximum(), done_steps))
