@@ -229,8 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole job on built-in synthetic cells, in about a minute")
     p.add_argument("--out", default="mevae-demo", help="output folder (default mevae-demo)")
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--cells", type=int, default=300)
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--cells", type=int, default=600)
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbose", type=int, default=1)

@@ -20,8 +20,8 @@ def _say(verbose: int, text: str) -> None:
 
 def run_demo(
     out: Path,
-    epochs: int = 15,
-    n_cells: int = 300,
+    epochs: int = 60,
+    n_cells: int = 600,
     size: int = 32,
     seed: int = 0,
     verbose: int = 1,
@@ -29,6 +29,11 @@ def run_demo(
     beta: float | None = None,
 ) -> dict[str, float]:
     """Run the demo into ``out``; returns the invariance/cluster report.
+
+    The defaults (600 cells, 60 epochs: under a minute on 2 cores) are what it takes for the
+    features to drop rotation and polarity reliably: with 300 cells and 15 epochs the model
+    was undertrained and the held-out cells' rotation leakage was 0.26-0.75 over two seeds
+    (one run used no latent dimension at all); with these, 0.00-0.03 over five.
 
     ``beta`` defaults to ``(size / 128) ** 2``: the loss scales the reconstruction by
     ``size**2``, so this keeps the reference's reconstruction / KL balance (at 32 px and beta 1
