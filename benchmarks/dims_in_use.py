@@ -50,20 +50,29 @@ def measured_model(run: str, train: np.ndarray, seed: int = 0):  # -> MEVAE
     return model
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def parse_runs(description: str) -> tuple[argparse.Namespace, np.ndarray, np.ndarray]:
+    """The command line both diagnosis scripts share: runs, ``--train`` / ``--test`` crop
+    folders, ``--size``, ``--seed``; returns the arguments and the two sets of crops."""
+    from napari_mevae.folders import FolderTargets
+
+    p = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawTextHelpFormatter
+    )
     p.add_argument("runs", nargs="+", help="checkpoints or training save_dirs")
     p.add_argument("--train", required=True, help="folder of canonical training crops")
     p.add_argument("--test", required=True, help="folder of canonical test crops")
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-
-    from napari_mevae.analysis import invariance_report
-    from napari_mevae.folders import FolderTargets
-
     train = np.asarray(FolderTargets(a.train, a.size, 1).array)
     test = np.asarray(FolderTargets(a.test, a.size, 1).array)
+    return a, train, test
+
+
+def main() -> None:
+    from napari_mevae.analysis import invariance_report
+
+    a, train, test = parse_runs(__doc__)
     print("| run | " + " | ".join(KEYS) + " |")
     print("|---" * (len(KEYS) + 1) + "|")
     for run in a.runs:

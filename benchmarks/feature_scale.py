@@ -20,11 +20,9 @@ One-encoder models (VAE, beta-VAE) are their own root; for them both columns agr
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 
-from dims_in_use import measured_model  # benchmarks/ is on sys.path when run as a script
+from dims_in_use import measured_model, parse_runs  # benchmarks/ is on sys.path as a script
 
 PAIRED = ("content", "neighbours", "rotation", "polarity")
 DESCRIPTORS = ("intensity", "area", "radius", "elongation", "spread")
@@ -55,19 +53,10 @@ def paired_features(model, crops: np.ndarray, seed: int = 0):  # -> (z, angles, 
 
 
 def per_descriptor_r2(z: np.ndarray, crops: np.ndarray, seed: int = 0) -> np.ndarray:
-    """``content_kept``'s probe, one cross-validated R^2 per descriptor."""
-    from sklearn.linear_model import RidgeCV
-    from sklearn.model_selection import KFold, cross_val_predict
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    """``content_kept``'s probe, one cross-validated R^2 (0..1) per descriptor."""
+    from napari_mevae.analysis import _descriptor_r2s, _linear_probe
 
-    from napari_mevae.analysis import cell_descriptors
-
-    y = cell_descriptors(crops)
-    y = (y - y.mean(0)) / (y.std(0) + 1e-12)
-    probe = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13)))
-    pred = cross_val_predict(probe, z, y, cv=KFold(5, shuffle=True, random_state=seed))
-    return np.clip(1 - ((y - pred) ** 2).sum(0) / (y**2).sum(0), 0, 1)
+    return np.clip(_descriptor_r2s(_linear_probe(), z, crops, 5, seed), 0, 1)
 
 
 def measure(model, crops: np.ndarray, seed: int = 0) -> dict[str, object]:
@@ -101,18 +90,7 @@ def measure(model, crops: np.ndarray, seed: int = 0) -> dict[str, object]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("runs", nargs="+", help="checkpoints or training save_dirs")
-    p.add_argument("--train", required=True, help="folder of canonical training crops")
-    p.add_argument("--test", required=True, help="folder of canonical test crops")
-    p.add_argument("--size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args()
-
-    from napari_mevae.folders import FolderTargets
-
-    train = np.asarray(FolderTargets(a.train, a.size, 1).array)
-    test = np.asarray(FolderTargets(a.test, a.size, 1).array)
+    a, train, test = parse_runs(__doc__)
     print(
         "| run | K | dims in use | max abs skewness | content kept: features / root "
         "| by neighbours: features / root | rotation leakage: features / root "

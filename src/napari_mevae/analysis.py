@@ -441,30 +441,42 @@ def cell_descriptors(crops: np.ndarray) -> np.ndarray:
     return np.stack(out, axis=1)
 
 
-def _descriptors_r2(
+def _descriptor_r2s(
     estimator: Any, latents: np.ndarray, crops: np.ndarray, folds: int, seed: int
-) -> float:
-    """Mean cross-validated R^2 (clipped to 0..1) of ``estimator`` predicting the standardised
-    :func:`cell_descriptors` of ``crops`` from ``latents``."""
+) -> np.ndarray:
+    """Cross-validated R^2 of ``estimator`` predicting each standardised
+    :func:`cell_descriptors` of ``crops`` from ``latents``: one (unclipped) value per
+    descriptor."""
     from sklearn.model_selection import KFold, cross_val_predict
 
     y = cell_descriptors(crops)
     y = (y - y.mean(0)) / (y.std(0) + 1e-12)
     cv = KFold(n_splits=folds, shuffle=True, random_state=seed)
     pred = cross_val_predict(estimator, latents, y, cv=cv)
-    r2 = 1 - ((y - pred) ** 2).sum(0) / np.maximum((y**2).sum(0), 1e-12)
+    return 1 - ((y - pred) ** 2).sum(0) / np.maximum((y**2).sum(0), 1e-12)
+
+
+def _descriptors_r2(
+    estimator: Any, latents: np.ndarray, crops: np.ndarray, folds: int, seed: int
+) -> float:
+    """Mean of :func:`_descriptor_r2s`, clipped to 0..1."""
+    r2 = _descriptor_r2s(estimator, latents, crops, folds, seed)
     return float(np.clip(r2.mean(), 0.0, 1.0))
+
+
+def _linear_probe() -> Any:
+    """:func:`content_kept`'s probe: ridge regression on standardised features."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13)))
 
 
 def content_kept(latents: np.ndarray, crops: np.ndarray, folds: int = 5, seed: int = 0) -> float:
     """Cross-validated R^2 (0..1) of predicting :func:`cell_descriptors` of the canonical cells
     from the latents: how much of the cell the features keep, for any model."""
-    from sklearn.linear_model import RidgeCV
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13)))
-    return _descriptors_r2(model, latents, crops, folds, seed)
+    return _descriptors_r2(_linear_probe(), latents, crops, folds, seed)
 
 
 def neighbour_content_kept(
