@@ -50,11 +50,11 @@ def child(path: str, steps: int, out_csv: str) -> None:
     """Runs in a fresh process: train a few steps, stream all encodings, report peak RSS."""
     import torch
 
-    from napari_mevae.cli import write_encodings_csv
-    from napari_mevae.model import MEVAEConfig
+    from napari_mevae.config import MEVAEConfig, TrainOptions
+    from napari_mevae.nuisances import NuisancePairs
     from napari_mevae.store import CropStore
-    from napari_mevae.training import Trainer, TrainOptions
-    from napari_mevae.transforms import NuisancePairs
+    from napari_mevae.training import Trainer
+    from napari_mevae.workflow import write_encodings_csv
 
     store = CropStore(path)
     pairs = NuisancePairs(store, ["rotation", "polarity"], seed=0)

@@ -74,7 +74,8 @@ def run_one(n_cells: int, out_dir: Path) -> dict[str, float]:
 
     from napari_mevae.analysis import cluster, encode, export_features_csv, features_table, run_umap
     from napari_mevae.cells import extract_cells
-    from napari_mevae.model import MEVAE, MEVAEConfig
+    from napari_mevae.config import MEVAEConfig
+    from napari_mevae.model import MEVAE
 
     torch.manual_seed(0)
     model = MEVAE(MEVAEConfig(image_size=CROP, channels=1, latent_dim=32, n_encoders=2)).eval()

@@ -114,8 +114,8 @@ def plain_steps(dataset, size: int, batch: int, device: str = "cpu"):
 
 
 def project_steps(dataset, size: int, batch: int, options: dict, device: str = "cpu"):
-    from napari_mevae.model import preset
-    from napari_mevae.training import Trainer, TrainOptions
+    from napari_mevae.config import TrainOptions, preset
+    from napari_mevae.training import Trainer
 
     options = {"device": device, **options}
     opts = TrainOptions(batch_size=batch, epochs=10**6, seed=0, earlystop=False, **options)
@@ -245,7 +245,7 @@ def cpu_model() -> str:
 
 
 def cpu_flags() -> str:
-    from napari_mevae.training import _cpu_flags
+    from napari_mevae.speedups import _cpu_flags
 
     flags = _cpu_flags()
     if not flags:
@@ -300,7 +300,7 @@ def report(rows, extra_rows, peak, args, rounds, block_s) -> str:
     cmd += f" --configs {args.configs}" if args.configs else ""
     cmd += "".join(f" --variant {v}" for v in args.variant)
     cmd += f" --device {args.device}" if args.device != "cpu" else ""
-    from napari_mevae.training import resolve_precision
+    from napari_mevae.speedups import resolve_precision
 
     bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     precision = resolve_precision("auto", torch.device(args.device))

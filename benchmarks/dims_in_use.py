@@ -36,8 +36,9 @@ KEYS = (
 def measured_model(run: str, train: np.ndarray, seed: int = 0):  # -> MEVAE
     """The checkpoint's model, in eval mode, with the latent dimensions in use known: the
     trainer's own record, or for older checkpoints measured here on the ``train`` crops."""
-    from napari_mevae.analysis import encode, encoder_nuisances, paired_inputs
-    from napari_mevae.training import load_checkpoint
+    from napari_mevae.analysis import encode
+    from napari_mevae.checkpoints import load_checkpoint
+    from napari_mevae.evaluation import encoder_nuisances, paired_inputs
 
     model = load_checkpoint(run).build_model("cpu").eval()
     if not model.activity_measured:  # trained before the trainer kept its own record
@@ -70,7 +71,7 @@ def parse_runs(description: str) -> tuple[argparse.Namespace, np.ndarray, np.nda
 
 
 def main() -> None:
-    from napari_mevae.analysis import invariance_report
+    from napari_mevae.evaluation import invariance_report
 
     a, train, test = parse_runs(__doc__)
     print("| run | " + " | ".join(KEYS) + " |")

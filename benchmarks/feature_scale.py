@@ -38,8 +38,9 @@ def paired_features(model, crops: np.ndarray, seed: int = 0):  # -> (z, angles, 
     for the rotation probe and content (``z``) and for the polarity probe (``z_flip``).  A
     one-encoder model has nothing to pair; the report reads its rotated and its flipped cells.
     """
-    from napari_mevae.analysis import encode, encoder_nuisances, paired_inputs
-    from napari_mevae.transforms import draw_and_apply
+    from napari_mevae.analysis import encode
+    from napari_mevae.evaluation import encoder_nuisances, paired_inputs
+    from napari_mevae.nuisances import draw_and_apply
 
     rng = np.random.default_rng(seed)
     rotated, angles = draw_and_apply(crops, "rotation", rng)
@@ -54,13 +55,13 @@ def paired_features(model, crops: np.ndarray, seed: int = 0):  # -> (z, angles, 
 
 def per_descriptor_r2(z: np.ndarray, crops: np.ndarray, seed: int = 0) -> np.ndarray:
     """``content_kept``'s probe, one cross-validated R^2 (0..1) per descriptor."""
-    from napari_mevae.analysis import _descriptor_r2s, _linear_probe
+    from napari_mevae.evaluation import _descriptor_r2s, _linear_probe
 
     return np.clip(_descriptor_r2s(_linear_probe(), z, crops, 5, seed), 0, 1)
 
 
 def measure(model, crops: np.ndarray, seed: int = 0) -> dict[str, object]:
-    from napari_mevae.analysis import (
+    from napari_mevae.evaluation import (
         angle_leakage,
         content_kept,
         discrete_leakage,

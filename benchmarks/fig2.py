@@ -205,9 +205,9 @@ def refresh_report(run: Path, test: Path, rep: dict, seed: int) -> dict:
     checkpoint again with the current report (same draws, so the older keys come out the
     same) and keep its keys.  A checkpoint from before training measured the dimensions in use
     reports all of them as used."""
-    from napari_mevae.analysis import invariance_report
+    from napari_mevae.checkpoints import load_checkpoint
+    from napari_mevae.evaluation import invariance_report
     from napari_mevae.folders import FolderTargets
-    from napari_mevae.training import load_checkpoint
 
     if "paired_neighbour_content_kept" in rep:  # the newest key: measured by this version
         return rep
@@ -223,11 +223,12 @@ def refresh_report(run: Path, test: Path, rep: dict, seed: int) -> dict:
 def synthetic(a: argparse.Namespace) -> dict[str, dict]:
     import torch
 
-    from napari_mevae.analysis import encode, invariance_report
-    from napari_mevae.model import MEVAEConfig
+    from napari_mevae.analysis import encode
+    from napari_mevae.config import MEVAEConfig, TrainOptions
+    from napari_mevae.evaluation import invariance_report
+    from napari_mevae.nuisances import NuisanceAutoencode, NuisancePairs
     from napari_mevae.synthetic import synthetic_crops
-    from napari_mevae.training import Trainer, TrainOptions
-    from napari_mevae.transforms import NuisanceAutoencode, NuisancePairs
+    from napari_mevae.training import Trainer
 
     class FixedPairs(NuisancePairs):
         """One draw per cell for the whole run: the published, pre-made pairs."""

@@ -28,9 +28,9 @@ def main() -> None:
     from sklearn.metrics import balanced_accuracy_score
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
-    from napari_mevae.analysis import discrete_leakage, encoder_nuisances, paired_inputs
+    from napari_mevae.checkpoints import load_checkpoint
+    from napari_mevae.evaluation import discrete_leakage, encoder_nuisances, paired_inputs
     from napari_mevae.folders import FolderTargets
-    from napari_mevae.training import load_checkpoint
 
     model = load_checkpoint(a.checkpoint).build_model().eval()
     crops = FolderTargets(a.targets, a.size, model.config.channels).array

@@ -4,22 +4,24 @@ import pytest
 import torch
 
 from napari_mevae.analysis import (
-    angle_leakage,
     cluster,
-    cluster_agreement,
-    discrete_leakage,
     encode,
     export_features_csv,
     features_table,
     iter_encode,
     latent_traversal,
     paint_clusters,
-    pixel_correlation,
     reconstruct,
     run_umap,
 )
-from napari_mevae.model import MEVAE, preset
-from napari_mevae.training import CheckpointError
+from napari_mevae.config import CheckpointError, preset
+from napari_mevae.evaluation import (
+    angle_leakage,
+    cluster_agreement,
+    discrete_leakage,
+    pixel_correlation,
+)
+from napari_mevae.model import MEVAE
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +153,7 @@ def test_features_table_paint_and_csv(tmp_path):
 
 
 def test_principal_subspace_keeps_the_variance_that_matters():
-    from napari_mevae.analysis import principal_subspace
+    from napari_mevae.evaluation import principal_subspace
 
     rng = np.random.default_rng(0)
     z = np.column_stack(
@@ -171,9 +173,9 @@ def test_pixel_correlation():
 
 
 def test_cell_descriptors_are_pose_invariant_and_content_kept_detects_information():
-    from napari_mevae.analysis import cell_descriptors, content_kept
+    from napari_mevae.evaluation import cell_descriptors, content_kept
+    from napari_mevae.nuisances import draw_and_apply
     from napari_mevae.synthetic import synthetic_crops
-    from napari_mevae.transforms import draw_and_apply
 
     crops, _ = synthetic_crops(n=120, size=32, seed=0)
     rotated, _ = draw_and_apply(crops, "rotation", 1)
@@ -190,7 +192,7 @@ def test_neighbour_content_kept_reads_the_geometry_the_features_have():
     """Descriptors hidden in a low-variance dimension beside a dominant nuisance are still
     readable by the linear probe, but a cell's nearest neighbours are then pose-mates, not
     look-alikes: the neighbourhood score drops while the linear one does not."""
-    from napari_mevae.analysis import cell_descriptors, content_kept, neighbour_content_kept
+    from napari_mevae.evaluation import cell_descriptors, content_kept, neighbour_content_kept
     from napari_mevae.synthetic import synthetic_crops
 
     crops, _ = synthetic_crops(n=200, size=32, seed=0)
@@ -211,7 +213,7 @@ def test_neighbour_content_kept_reads_the_geometry_the_features_have():
 
 
 def test_invariance_report_on_a_model(model):
-    from napari_mevae.analysis import invariance_report
+    from napari_mevae.evaluation import invariance_report
 
     crops = np.random.default_rng(0).random((40, 2, 32, 32), dtype=np.float32)
     report = invariance_report(model, crops, classes=np.repeat([0, 1], 20))
@@ -246,7 +248,7 @@ def test_invariance_report_on_a_model(model):
 def test_features_and_report_leave_out_unused_dimensions():
     """Nuisance hidden in dimensions the model does not use is not in the features: the
     paired probes read it only on the raw product of the means (``*_all_dims``)."""
-    from napari_mevae.analysis import invariance_report
+    from napari_mevae.evaluation import invariance_report
 
     torch.manual_seed(0)
     model = MEVAE(preset("tiny", n_encoders=2)).eval()
@@ -264,8 +266,8 @@ def test_features_and_report_leave_out_unused_dimensions():
 
 
 def test_paired_inputs_give_each_encoder_its_own_nuisance():
-    from napari_mevae.analysis import encoder_nuisances, paired_inputs
-    from napari_mevae.transforms import apply_nuisance
+    from napari_mevae.evaluation import encoder_nuisances, paired_inputs
+    from napari_mevae.nuisances import apply_nuisance
 
     crops = np.random.default_rng(1).random((6, 1, 32, 32), dtype=np.float32)
     inputs, angles, flips = paired_inputs(
@@ -286,7 +288,7 @@ def test_paired_inputs_give_each_encoder_its_own_nuisance():
     fresh = MEVAE(preset("tiny", n_encoders=2, nuisances=["pose", "polarity"]))
     assert encoder_nuisances(fresh) == ["pose", "polarity"]
     assert encoder_nuisances(mevae3) is None
-    from napari_mevae.analysis import invariance_report
+    from napari_mevae.evaluation import invariance_report
 
     one = invariance_report(vae, crops[:, :1].repeat(5, 0), seed=0)
     assert one["paired_rotation_leakage"] == one["rotation_leakage"]

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from napari_mevae.analysis import invariance_report
+from napari_mevae.checkpoints import load_checkpoint, save_checkpoint
+from napari_mevae.config import preset
+from napari_mevae.evaluation import invariance_report
 from napari_mevae.folders import FolderTargets, write_image
-from napari_mevae.model import MEVAE, preset
+from napari_mevae.model import MEVAE
 from napari_mevae.synthetic import synthetic_crops
-from napari_mevae.training import load_checkpoint, save_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 fig2 = pytest.importorskip("fig2")

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from napari_mevae.checkpoints import load_checkpoint
 from napari_mevae.demo import run_demo
-from napari_mevae.training import load_checkpoint
 
 
 def test_demo_writes_every_promised_file(tmp_path):

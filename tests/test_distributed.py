@@ -93,8 +93,8 @@ def test_two_gloo_processes_match_one_process(lincs64, tmp_path):
 
 
 def test_distributed_flag_without_torchrun_is_a_clear_error(monkeypatch):
-    from napari_mevae.model import preset
-    from napari_mevae.training import Trainer, TrainOptions
+    from napari_mevae.config import TrainOptions, preset
+    from napari_mevae.training import Trainer
 
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)

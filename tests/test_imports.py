@@ -1,21 +1,29 @@
-"""The core imports without Qt or napari, and cheap modules stay cheap."""
+"""The core imports without Qt or napari, the config layer without torch, and cheap modules
+stay cheap."""
 
 import subprocess
 import sys
 
 CORE = [
+    "config",
+    "workflow",
     "model",
     "training",
+    "checkpoints",
+    "speedups",
     "cells",
-    "transforms",
+    "nuisances",
     "synthetic",
     "analysis",
+    "evaluation",
     "folders",
     "store",
     "figures",
+    "child",
     "cli",
     "demo",
 ]
+GUI = ("napari", "qtpy", "PyQt6", "PyQt5", "PySide6", "magicgui", "vispy")
 
 
 def _loaded_after(code: str) -> set[str]:
@@ -31,8 +39,15 @@ def _loaded_after(code: str) -> set[str]:
 def test_core_modules_import_without_qt_or_napari():
     mods = _loaded_after("\n".join(f"import napari_mevae.{m}" for m in CORE))
     assert {f"napari_mevae.{m}" for m in CORE} <= mods
-    for gui in ("napari", "qtpy", "PyQt6", "PyQt5", "PySide6", "magicgui", "vispy"):
+    for gui in GUI:
         assert gui not in mods, f"the core imported {gui}"
+
+
+def test_config_and_workflow_import_without_torch():
+    """The widget builds its forms from config when napari opens: no torch there."""
+    mods = _loaded_after("import napari_mevae.config, napari_mevae.workflow")
+    assert "torch" not in mods and "numba" not in mods
+    assert not set(GUI) & mods
 
 
 def test_package_cli_and_analysis_do_not_import_umap_or_sklearn_eagerly():

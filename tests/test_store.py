@@ -3,8 +3,10 @@ import pytest
 import torch
 
 from napari_mevae.analysis import encode
-from napari_mevae.model import MEVAE, preset
-from napari_mevae.store import CropStore, LazyFolderTargets, write_crops
+from napari_mevae.config import preset
+from napari_mevae.folders import LazyFolderTargets
+from napari_mevae.model import MEVAE
+from napari_mevae.store import CropStore, write_crops
 
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 0), ("float16", 1e-3), ("uint8", 1 / 255)])

@@ -6,17 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from napari_mevae.model import MEVAE, preset
-from napari_mevae.training import (
-    CheckpointError,
-    Trainer,
-    TrainingDiverged,
-    TrainOptions,
-    load_checkpoint,
-    resolve_checkpoint,
-    save_checkpoint,
-    select_device,
-)
+from napari_mevae.checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
+from napari_mevae.config import CheckpointError, TrainingDiverged, TrainOptions, preset
+from napari_mevae.model import MEVAE
+from napari_mevae.training import Trainer, select_device
 
 
 class Blobs(torch.utils.data.Dataset):
@@ -307,14 +300,15 @@ def test_get_batch_fast_path_trains_exactly_like_the_dataloader():
 def test_batch_loader_matches_dataloader_batches_for_tensor_datasets():
     from torch.utils.data import DataLoader, TensorDataset
 
-    from napari_mevae.training import EpochSampler, _BatchLoader
+    from napari_mevae.speedups import BatchLoader
+    from napari_mevae.training import EpochSampler
 
     ds = TensorDataset(torch.arange(23.0)[:, None], torch.arange(23) * 2)
     sampler = EpochSampler(23, seed=5, rank=1, world=2)
     sampler.set_epoch(4)
-    fast = list(_BatchLoader(ds, sampler, 4))
+    fast = list(BatchLoader(ds, sampler, 4))
     slow = list(DataLoader(ds, batch_size=4, sampler=sampler))
-    assert len(fast) == len(slow) == len(_BatchLoader(ds, sampler, 4)) == 3
+    assert len(fast) == len(slow) == len(BatchLoader(ds, sampler, 4)) == 3
     for (a, b), (c, d) in zip(fast, slow, strict=True):
         assert torch.equal(a, c) and torch.equal(b, d)
 
@@ -338,7 +332,7 @@ def test_folder_pairs_get_batch_equals_stacked_items(tmp_path):
 
 
 def test_malloc_tuning_is_scoped_to_the_run():
-    import napari_mevae.training as tr
+    import napari_mevae.speedups as tr
 
     trainer = Trainer(preset("tiny"), Blobs(n=8), TrainOptions(epochs=1, batch_size=4, seed=0))
     gen = trainer.run()
@@ -353,7 +347,7 @@ def test_malloc_tuning_is_scoped_to_the_run():
 
 
 def test_bf16_option_trains_with_float32_weights():
-    from napari_mevae.training import bf16_supported
+    from napari_mevae.speedups import bf16_supported
 
     ds = Blobs()
     opts = TrainOptions(epochs=4, batch_size=8, learn_rate=2e-3, seed=1, precision="bf16")
@@ -367,25 +361,25 @@ def test_bf16_option_trains_with_float32_weights():
 
 
 def test_precision_auto_follows_the_hardware(monkeypatch):
-    from napari_mevae import training
+    from napari_mevae import speedups
 
     cpu = torch.device("cpu")
-    assert training.resolve_precision("float32", cpu) == "float32"
-    monkeypatch.setattr(training, "bf16_supported", lambda device: True)
-    monkeypatch.setattr(training, "_cpu_flags", lambda: {"avx2", "avx512f"})
+    assert speedups.resolve_precision("float32", cpu) == "float32"
+    monkeypatch.setattr(speedups, "bf16_supported", lambda device: True)
+    monkeypatch.setattr(speedups, "_cpu_flags", lambda: {"avx2", "avx512f"})
     # AVX-512 without native bf16: oneDNN would only emulate it, so auto stays float32
-    assert training.resolve_precision("auto", cpu) == "float32"
-    assert training.resolve_precision("bf16", cpu) == "bf16"  # asked for explicitly
-    monkeypatch.setattr(training, "_cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
-    assert training.resolve_precision("auto", cpu) == "bf16"
+    assert speedups.resolve_precision("auto", cpu) == "float32"
+    assert speedups.resolve_precision("bf16", cpu) == "bf16"  # asked for explicitly
+    monkeypatch.setattr(speedups, "_cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    assert speedups.resolve_precision("auto", cpu) == "bf16"
     trainer = Trainer(preset("tiny"), Blobs(), TrainOptions(epochs=1, batch_size=8))
     assert trainer.precision == "bf16" and trainer._autocast == torch.bfloat16
     pinned = Trainer(preset("tiny"), Blobs(), TrainOptions(precision="float32", batch_size=8))
     assert pinned.precision == "float32" and pinned._autocast is None and pinned.scaler is None
-    monkeypatch.setattr(training, "bf16_supported", lambda device: False)
-    assert training.resolve_precision("bf16", cpu) == "float32"  # unsupported: float32
-    assert training.resolve_precision("fp16", cpu) == "fp16"  # asked for: emulated, but runs
-    assert training.resolve_precision("auto", torch.device("mps")) == "float32"
+    monkeypatch.setattr(speedups, "bf16_supported", lambda device: False)
+    assert speedups.resolve_precision("bf16", cpu) == "float32"  # unsupported: float32
+    assert speedups.resolve_precision("fp16", cpu) == "fp16"  # asked for: emulated, but runs
+    assert speedups.resolve_precision("auto", torch.device("mps")) == "float32"
     with pytest.raises(ValueError, match="precision must be one of auto, float32, bf16, fp16"):
         TrainOptions(precision="half").validate()
 
@@ -393,7 +387,7 @@ def test_precision_auto_follows_the_hardware(monkeypatch):
 def test_precision_auto_on_gpus_with_and_without_native_bf16(monkeypatch):
     """Ampere and later run bf16 natively; on a T4 or V100 torch only emulates bf16 (its
     ``is_bf16_supported()`` still says True), and float16 with loss scaling is the fast AMP."""
-    from napari_mevae import training
+    from napari_mevae import speedups
 
     cuda = torch.device("cuda")
     major = {"value": 7}
@@ -402,12 +396,12 @@ def test_precision_auto_on_gpus_with_and_without_native_bf16(monkeypatch):
         return major["value"] >= 8 or including_emulation
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
-    assert training.resolve_precision("auto", cuda) == "fp16"  # T4 / V100
-    assert training.resolve_precision("bf16", cuda) == "bf16"  # asked for: emulated
-    assert training.resolve_precision("fp16", cuda) == "fp16"
+    assert speedups.resolve_precision("auto", cuda) == "fp16"  # T4 / V100
+    assert speedups.resolve_precision("bf16", cuda) == "bf16"  # asked for: emulated
+    assert speedups.resolve_precision("fp16", cuda) == "fp16"
     major["value"] = 8
-    assert training.resolve_precision("auto", cuda) == "bf16"  # A100, RTX 30xx and later
-    assert training.resolve_precision("float32", cuda) == "float32"
+    assert speedups.resolve_precision("auto", cuda) == "bf16"  # A100, RTX 30xx and later
+    assert speedups.resolve_precision("float32", cuda) == "float32"
 
 
 def test_fp16_trains_with_loss_scaling_and_float32_weights(tmp_path):

@@ -11,32 +11,27 @@ mevae demo    [--out mevae-demo]
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .config import MODEL_KINDS, PRECISIONS, CheckpointError, InputError, TrainingDiverged
+
 log = logging.getLogger("mevae")
 
-MODEL_CHOICES = ("mevae", "vae", "betavae")
-#: how the run's precision (training.PRECISIONS after "auto") is announced
+#: how the run's precision (config.PRECISIONS after "auto") is announced
 PRECISION_NAMES = {
     "float32": " (float32)",
     "bf16": " (bf16 autocast)",
     "fp16": " (float16 autocast, loss scaling)",
 }
-
-
-class CLIError(Exception):
-    """A user-facing error: printed without a traceback, exit status 2."""
 
 
 # -- argument parsing ------------------------------------------------------------------------
@@ -66,11 +61,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--model",
-        choices=MODEL_CHOICES,
+        choices=tuple(MODEL_KINDS.values()),
         default="mevae",
         help="mevae (K encoders), vae (standard VAE baseline) or betavae (beta-VAE baseline)",
     )
-    g.add_argument("--beta", type=float, default=None, help="KL weight (default 1; betavae 4)")
+    g.add_argument(
+        "--beta",
+        type=float,
+        default=None,
+        help="KL weight, exactly as given (default: the reference's balance at this image size, "
+        "(S/128)^2; 4x that for betavae)",
+    )
     g.add_argument(
         "--recon_loss", choices=("bce", "mse"), default="bce", help="reconstruction loss"
     )
@@ -149,7 +150,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--precision",
-        choices=("auto", *PRECISION_NAMES),
+        choices=PRECISIONS,
         default="auto",
         help="auto (default): bfloat16 autocast where the CPU/GPU runs it natively, float16 "
         "with loss scaling on older CUDA GPUs (T4, V100), else float32; float32: neither; "
@@ -249,222 +250,65 @@ def _progress(total: int, desc: str, verbose: int, unit: str = "it"):
 def _input_dirs(args: argparse.Namespace) -> list[str]:
     dirs = [d for d in (args.data_dir, args.input2_dir, args.input3_dir) if d]
     if (args.input3_dir and not args.input2_dir) or (args.input2_dir and not args.data_dir):
-        raise CLIError(
+        raise InputError(
             "encoder inputs must be given in order: --data_dir, then --input2_dir, then --input3_dir"
         )
     return dirs + list(args.input_dir or [])
 
 
-def _model_config(args: argparse.Namespace, n_encoders: int, nuisances: list[str]):
-    from .model import MEVAEConfig
+def _nuisances(text: str) -> list[str]:
+    from .nuisances import get_nuisances
 
-    beta = args.beta if args.beta is not None else (4.0 if args.model == "betavae" else 1.0)
-    return MEVAEConfig(
-        image_size=args.image_size,
-        channels=args.nchannel,
-        latent_dim=args.latent_dim,
-        inter_dim=args.inter_dim,
-        nlayers=args.nlayers,
-        nfilters=args.nfilters,
-        kernel_size=args.kernel_size,
-        n_encoders=n_encoders,
-        beta=beta,
-        recon_loss=args.recon_loss,
-        epsilon_std=args.epsilon_std,
-        nuisances=nuisances,
-    )
-
-
-@dataclass
-class TrainData:
-    """What a training run reads: a dataset for the trainer, arrays for encoding and grids."""
-
-    dataset: Any
-    filenames: list[str]  # rows of filenames.csv / encodings.csv
-    encode_inputs: Any  # (N, K, C, S, S) or (N, C, S, S)
-    grid_inputs: list[np.ndarray]
-    targets: np.ndarray
-    n_encoders: int
-    nuisances: list[str]
-
-
-def open_targets(
-    source: str, image_size: int, channels: int, lazy: bool = False
-) -> tuple[Any, list[str], list[str]]:
-    """Canonical crops from a folder of images or a ``.npy`` crops file (read lazily).
-
-    Returns the crops (an array, or a lazy store with the same indexing), the file names for
-    encodings.csv and the image stems."""
-    from .store import CropStore, LazyFolderTargets
-
-    path = Path(source)
-    if path.suffix == ".npy":
-        store = CropStore(path)
-        if store.shape[1:] != (channels, image_size, image_size):
-            raise CLIError(
-                f"{path} holds crops of shape {store.shape[1:]} (C, S, S); the model wants "
-                f"({channels}, {image_size}, {image_size}): set --nchannel/--image_size"
-            )
-        names = [f"{path.stem}[{i}]" for i in range(len(store))]
-        return store, names, names
-    if lazy:
-        tg = LazyFolderTargets(path, image_size, channels)
-        return tg, tg.filenames, tg.names
-    from .folders import FolderTargets
-
-    tg = FolderTargets(path, image_size, channels)
-    return tg.array, tg.filenames, tg.names
-
-
-def load_train_data(args: argparse.Namespace, n_encoders_hint: int | None = None) -> TrainData:
-    """Folder pairs (reference layout) or canonical targets with on-the-fly nuisances."""
-    from .folders import FolderPairs
-
-    size, channels = args.image_size, args.nchannel
-    baseline = args.model in ("vae", "betavae")
-    if args.targets:
-        if args.data_dir or args.out1_dir:
-            raise CLIError("use either --targets or --data_dir/--out1_dir, not both")
-        from .transforms import NuisancePairs, get_nuisances
-
-        names = [n.name for n in get_nuisances(args.nuisances)]
-        crops, filenames, _ = open_targets(args.targets, size, channels, args.lazy)
-        if baseline:
-            from .transforms import NuisanceAutoencode
-
-            ds = NuisanceAutoencode(crops, names, seed=args.seed or 0)
-            k = 1
-        else:
-            ds = NuisancePairs(crops, names, seed=args.seed or 0)
-            k = len(names)
-        if n_encoders_hint is not None and n_encoders_hint != k:
-            raise CLIError(
-                f"the checkpoint's model has K={n_encoders_hint} encoders but --nuisances "
-                f"{args.nuisances} gives {k}"
-            )
-        first = range(min(64, len(ds)))
-        grid = [np.stack([ds[i][0][j].numpy() for i in first]) for j in range(k)]
-        targets = np.stack([np.asarray(crops[i]) for i in first])
-        return TrainData(ds, filenames, crops, grid, targets, k, names)
-
-    dirs = _input_dirs(args)
-    if not dirs:
-        raise CLIError(
-            "no training data: give --data_dir (+ --input2_dir, --out1_dir) or --targets"
-        )
-    if baseline:
-        # The paper's baselines: a plain (beta-)VAE autoencodes the raw cells of --data_dir.
-        ds = FolderPairs([dirs[0]], dirs[0], size, channels, in_memory=not args.lazy)
-        k = 1
-    else:
-        if not args.out1_dir:
-            raise CLIError("--out1_dir (the corrected target cells) is needed to train an ME-VAE")
-        ds = FolderPairs(dirs, args.out1_dir, size, channels, in_memory=not args.lazy)
-        k = len(dirs)
-    if n_encoders_hint is not None and n_encoders_hint != k:
-        raise CLIError(
-            f"the checkpoint's model has K={n_encoders_hint} encoders but {k} input folder(s) were given"
-        )
-    grid = [ds.inputs_array(j)[:64] for j in range(k)]
-    return TrainData(ds, ds.filenames, ds.pairs_array(), grid, ds.targets_array(), k, [])
-
-
-def write_encodings_csv(
-    path: Path, names: Sequence[str], model, inputs, verbose: int = 1, batch_size: int = 256
-) -> Path:
-    """Encode and stream rows to ``path``: header ``filename,z0,z1,...``, one row per image in
-    ``names`` order.  Only one batch of latents is in memory at a time."""
-    from .analysis import iter_encode_chunks
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    bar = _progress(len(names), "encoding", verbose, unit="cell")
-    try:
-        with open(tmp, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["filename", *[f"z{i}" for i in range(model.config.latent_dim)]])
-            for start, z in iter_encode_chunks(model, inputs, batch_size):
-                for name, row in zip(names[start : start + len(z)], z, strict=True):
-                    w.writerow([name, *[f"{v:.7g}" for v in row]])
-                bar.update(len(z))
-        os.replace(tmp, path)
-    finally:
-        bar.close()
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def write_run_outputs(save_dir: Path, model, data: TrainData, args: argparse.Namespace) -> None:
-    """Everything the reference writes (except training.log, written while training)."""
-    from .analysis import latent_walk, reconstruct
-    from .figures import save_grid, save_latent_walk
-
-    save_dir.mkdir(parents=True, exist_ok=True)
-    with open(save_dir / "filenames.csv", "w", newline="") as fh:
-        for f in data.filenames:
-            fh.write(f + "\n")
-    write_encodings_csv(
-        save_dir / "encodings.csv", data.filenames, model, data.encode_inputs, args.verbose
-    )
-    ncols = max(1, args.num_save)
-    n = ncols * ncols
-    for k, imgs in enumerate(data.grid_inputs):
-        save_grid(
-            save_dir / ("input_images.png" if k == 0 else f"input{k + 1}_images.png"),
-            imgs,
-            n,
-            ncols,
-        )
-    save_grid(save_dir / "Truth_images.png", data.targets[:n], n, ncols)
-    first = data.encode_inputs[:n]
-    save_grid(save_dir / "recon_images_final1.tif", reconstruct(model, first), n, ncols)
-    save_latent_walk(
-        save_dir / "latent_walk_final.png", latent_walk(model, max(2, args.latent_samp))
-    )
-    import torch
-
-    from .training import CHECKPOINT_NAME, save_checkpoint
-
-    models = save_dir / "models"
-    models.mkdir(parents=True, exist_ok=True)
-    if not (models / CHECKPOINT_NAME).exists():  # --phase load: keep the run self-contained
-        save_checkpoint(models, model)
-
-    for k, enc in enumerate(model.encoders):
-        torch.save(enc.state_dict(), models / f"encoder{k + 1}.pt")
-    torch.save(model.decoder.state_dict(), models / "decoder.pt")
+    return [n.name for n in get_nuisances(text)]
 
 
 # -- commands ----------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
-    from .model import model_kind, size_scaled_beta
-    from .training import (
-        Trainer,
-        TrainingDiverged,
-        TrainOptions,
-        check_compatible,
-        load_checkpoint,
-    )
+    from . import workflow
+    from .checkpoints import check_compatible, load_checkpoint
+    from .config import MODEL_KINDS, model_kind
+    from .training import Trainer, TrainOptions
 
     save_dir = Path(args.save_dir)
     ckpt = None
     if args.checkpoint:
         ckpt = load_checkpoint(args.checkpoint)
     elif args.phase == "load":
-        raise CLIError("--phase load needs --checkpoint (a checkpoint file or a training save_dir)")
+        raise InputError(
+            "--phase load needs --checkpoint (a checkpoint file or a training save_dir)"
+        )
     if ckpt is not None:
         # the checkpoint defines the architecture; flags only describe the data
         args.image_size, args.nchannel = ckpt.config.image_size, ckpt.config.channels
         if ckpt.config.n_encoders == 1 and args.model == "mevae":
-            args.model = {"VAE": "vae", "beta-VAE": "betavae"}[model_kind(ckpt.config)]
-    data = load_train_data(args, ckpt.config.n_encoders if ckpt else None)
+            args.model = MODEL_KINDS[model_kind(ckpt.config)]
+    nuisances = _nuisances(args.nuisances) if args.targets else []
+    data = workflow.load_train_data(
+        model=args.model,
+        image_size=args.image_size,
+        channels=args.nchannel,
+        targets=args.targets,
+        nuisances=nuisances,
+        input_dirs=[] if args.targets else _input_dirs(args),
+        target_dir=args.out1_dir,
+        lazy=args.lazy,
+        seed=args.seed or 0,
+    )
     if ckpt is not None:
+        if ckpt.config.n_encoders != data.n_encoders:
+            given = f"--nuisances {args.nuisances} gives" if args.targets else "the data has"
+            raise InputError(
+                f"the checkpoint's model has K={ckpt.config.n_encoders} encoders but {given} "
+                f"{data.n_encoders} input(s)"
+            )
         check_compatible(ckpt.config, args.image_size, args.nchannel, data.n_encoders)
 
     if args.phase == "load":
         model = ckpt.build_model(_device(args))
         log.info("loaded %s; encoding %d images without training", ckpt.path, len(data.filenames))
-        write_run_outputs(save_dir, model, data, args)
+        workflow.write_run_outputs(
+            save_dir, model, data, args.num_save, args.latent_samp, args.verbose
+        )
         _say(
             args,
             f"encoded {len(data.filenames)} images with {ckpt.path} -> {save_dir / 'encodings.csv'}",
@@ -472,9 +316,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
 
     rank, world = _dist_rank_world()
-    config = ckpt.config if ckpt else _model_config(args, data.n_encoders, data.nuisances)
-    if ckpt is not None and args.beta is not None:
-        config.beta = args.beta
+    if ckpt is not None:
+        config = ckpt.config
+        if args.beta is not None:
+            config.beta = args.beta
+    else:
+        config = workflow.build_config(
+            args.model,
+            image_size=args.image_size,
+            channels=args.nchannel,
+            nuisances=data.nuisances,
+            n_encoders=data.n_encoders,
+            beta=args.beta,
+            latent_dim=args.latent_dim,
+            inter_dim=args.inter_dim,
+            nlayers=args.nlayers,
+            nfilters=args.nfilters,
+            kernel_size=args.kernel_size,
+            recon_loss=args.recon_loss,
+            epsilon_std=args.epsilon_std,
+        )
     opts = TrainOptions(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -490,92 +351,88 @@ def cmd_train(args: argparse.Namespace) -> int:
         precision="bf16" if args.bf16 else args.precision,
         kl_warmup=args.kl_warmup,
     )
-    trainer = Trainer(config, data.dataset, opts, resume=ckpt)
+    trainer = Trainer(ckpt.build_model() if ckpt else config, data.dataset, opts, resume=ckpt)
     if rank == 0:
-        save_dir.mkdir(parents=True, exist_ok=True)
         _say(
             args,
             f"training {_describe(config)} on {len(data.dataset)} pairs, device {trainer.device}"
             + PRECISION_NAMES[trainer.precision]
             + (f", {world} processes" if world > 1 else ""),
         )
-    log_path = save_dir / "training.log"
-    gen = trainer.run()
+    reports = workflow.run_training(trainer, save_dir / "training.log" if rank == 0 else None)
     bar = None
-    logfh = None
-    if rank == 0:
-        new_log = ckpt is None or not log_path.exists()
-        logfh = open(log_path, "w" if new_log else "a")  # noqa: SIM115 (closed in finally)
-        if new_log:
-            logfh.write("epoch\tloss\n")
-            logfh.flush()
     try:
-        while True:
-            try:
-                rep = next(gen)
-            except StopIteration:
-                break
-            if rep.kind == "step" and rank == 0:
+        for rep in reports:
+            if rank != 0:
+                continue
+            if rep.kind == "step":
                 if bar is None:
-                    bar = _progress(
-                        rep.steps_per_epoch,
-                        f"epoch {rep.epoch + 1}/{rep.epochs}",
-                        args.verbose,
-                        "batch",
-                    )
+                    desc = f"epoch {rep.epoch + 1}/{rep.epochs}"
+                    bar = _progress(rep.steps_per_epoch, desc, args.verbose, "batch")
                 bar.update(1)
                 bar.set_postfix(loss=f"{rep.loss:.2f}", img_s=f"{rep.images_per_s:.0f}")
-            elif rep.kind == "epoch" and rank == 0:
+            elif rep.kind == "epoch":
                 if bar is not None:
                     bar.close()
                     bar = None
-                logfh.write(f"{rep.epoch - 1}\t{rep.loss:.6f}\n")
-                logfh.flush()
                 _say(
                     args,
                     f"epoch {rep.epoch}/{rep.epochs}  loss {rep.loss:.3f}  (recon {rep.recon:.3f}, "
                     f"KL {rep.kl:.3f})  {rep.images_per_s:.0f} images/s",
                 )
-            elif rep.kind == "end" and rank == 0:
+            elif rep.kind == "end":
                 _say(args, rep.message)
-                m = trainer.model_unwrapped
-                if m.activity_measured and m.n_active:
-                    _say(
-                        args,
-                        f"latent dimensions in use: {m.n_active} of {m.config.latent_dim} "
-                        "(the others are 0 in the encodings)",
-                    )
-                elif m.activity_measured:
-                    size = m.config.image_size
-                    _say(
-                        args,
-                        "latent dimensions in use: 0: the model has not learned to use its "
-                        "latent space yet; the encodings keep every dimension. Train longer, "
-                        f"or lower --beta: at image size {size}, --beta "
-                        f"{size_scaled_beta(1.0, size):g} keeps the reference's balance "
-                        "between reconstruction and KL (its 1 is meant for 128 px)",
-                    )
+                _say_dims_in_use(args, trainer.model_unwrapped)
     except TrainingDiverged as err:
-        raise CLIError(str(err)) from err
+        raise InputError(str(err)) from err
     except KeyboardInterrupt:
-        gen.close()  # saves the checkpoint of what was learned
+        reports.close()  # saves the checkpoint of what was learned
         _say(args, f"interrupted; model kept in {save_dir / 'models'}")
         return 130
     finally:
         if bar is not None:
             bar.close()
-        if logfh is not None:
-            logfh.close()
     if rank == 0:
-        write_run_outputs(save_dir, trainer.model_unwrapped, data, args)
+        workflow.write_run_outputs(
+            save_dir, trainer.model_unwrapped, data, args.num_save, args.latent_samp, args.verbose
+        )
         _say(args, f"outputs written to {save_dir}")
     trainer.close()
     return 0
 
 
+def _say_dims_in_use(args: argparse.Namespace, model: Any) -> None:
+    """How many latent dimensions the trained model uses, and what to change when none."""
+    from .config import kl_weight
+
+    if not model.activity_measured:
+        return
+    if model.n_active:
+        _say(
+            args,
+            f"latent dimensions in use: {model.n_active} of {model.config.latent_dim} "
+            "(the others are 0 in the encodings)",
+        )
+        return
+    size = model.config.image_size
+    balanced = kl_weight("mevae", size)
+    hint = (
+        f"lower --beta: at image size {size}, --beta {balanced:g} (the default) keeps the "
+        "reference's balance between reconstruction and KL"
+        if model.config.beta > balanced * 1.01
+        else "train longer (--epochs) or ramp the KL weight up (--kl_warmup)"
+    )
+    _say(
+        args,
+        "latent dimensions in use: 0: the model has not learned to use its latent space yet; "
+        f"the encodings keep every dimension. Try: {hint}",
+    )
+
+
 def cmd_encode(args: argparse.Namespace) -> int:
+    from .checkpoints import check_compatible, load_checkpoint
     from .folders import FolderPairs
-    from .training import check_compatible, load_checkpoint
+    from .workflow import open_targets, write_encodings_csv
 
     ckpt = load_checkpoint(args.checkpoint)
     cfg = ckpt.config
@@ -585,7 +442,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     else:
         dirs = _input_dirs(args)
         if not dirs:
-            raise CLIError(
+            raise InputError(
                 "give --data_dir (and --input2_dir ... for one folder per encoder) or --targets"
             )
         ds = FolderPairs(dirs, dirs[0], cfg.image_size, cfg.channels, in_memory=not args.lazy)
@@ -603,12 +460,22 @@ def cmd_encode(args: argparse.Namespace) -> int:
 def cmd_pairs(args: argparse.Namespace) -> int:
     import tifffile
 
-    from .cells import extract_cells
-    from .transforms import export_pairs, get_nuisances
+    from .config import CropSettings
+    from .folders import export_pairs
+    from .workflow import crop_cells
 
     image = tifffile.imread(args.image)
     labels = tifffile.imread(args.labels)
-    names = [n.name for n in get_nuisances(args.nuisances)]
+    names = _nuisances(args.nuisances)
+    settings = CropSettings(
+        size=args.size,
+        channel_axis=args.channel_axis,
+        scale=args.scale,
+        normalize=args.normalize,
+        min_area=args.min_area,
+        max_area=args.max_area,
+        border=args.border,
+    )
     bar = _progress(0, "cropping cells", args.verbose, "cell")
 
     def progress(done: int, total: int) -> None:
@@ -617,25 +484,13 @@ def cmd_pairs(args: argparse.Namespace) -> int:
         bar.refresh()
 
     try:
-        cells = extract_cells(
-            image,
-            labels,
-            size=args.size,
-            channel_axis=args.channel_axis,
-            scale=args.scale,
-            normalize=None if args.normalize == "none" else args.normalize,
-            min_area=args.min_area,
-            max_area=args.max_area,
-            border=args.border,
-            progress=progress,
-        )
+        cells = crop_cells(image, labels, settings, progress=progress)
     finally:
         bar.close()
     out = Path(args.out)
     if len(cells.crops) == 0:
-        raise CLIError(
-            "no cell could be cropped; see the skip reasons: " + _skip_summary(cells.table)
-        )
+        summary = ", ".join(f"{r}: {c}" for r, c in cells.skip_summary().items())
+        raise InputError("no cell could be cropped; see the skip reasons: " + summary)
     files = export_pairs(cells.crops, out, names, seed=args.seed)
     table = cells.table.copy()
     table.insert(0, "filename", "")
@@ -657,16 +512,10 @@ def cmd_pairs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _skip_summary(table) -> str:
-    if "skip_reason" not in table or table.empty:
-        return "no cells in the label image"
-    counts = table.loc[table["skip_reason"] != "", "skip_reason"].value_counts()
-    return ", ".join(f"{r}: {c}" for r, c in counts.items())
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .analysis import invariance_report
-    from .training import load_checkpoint
+    from .checkpoints import load_checkpoint
+    from .evaluation import invariance_report
+    from .workflow import open_targets
 
     ckpt = load_checkpoint(args.checkpoint)
     model = ckpt.build_model("cpu")
@@ -674,7 +523,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     sel = slice(args.first, args.last)
     crops = np.asarray(all_crops[sel])
     if len(crops) < 10:
-        raise CLIError(f"only {len(crops)} cell(s) selected; the report needs at least 10")
+        raise InputError(f"only {len(crops)} cell(s) selected; the report needs at least 10")
     classes = None
     if args.classes:
         import pandas as pd
@@ -685,7 +534,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         )
         missing = [n for n in stems[sel] if n not in lookup]
         if missing:
-            raise CLIError(f"--classes lacks {len(missing)} cell(s), e.g. {missing[:5]}")
+            raise InputError(f"--classes lacks {len(missing)} cell(s), e.g. {missing[:5]}")
         classes = np.array([lookup[n] for n in stems[sel]])
     report = invariance_report(model, crops, classes=classes, seed=args.seed)
     text = json.dumps(report, indent=2)
@@ -711,7 +560,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # -- plumbing ----------------------------------------------------------------------------------
 def _describe(cfg) -> str:
-    from .model import model_kind
+    from .config import model_kind
 
     return (
         f"{model_kind(cfg)} (K={cfg.n_encoders}, {cfg.channels} channel(s), {cfg.image_size} px, "
@@ -750,12 +599,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="mevae: %(message)s")
-    from .training import CheckpointError
-
     start = time.perf_counter()
     try:
         code = COMMANDS[args.command](args)
-    except (CLIError, CheckpointError, FileNotFoundError, ValueError) as err:
+    except (InputError, CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"mevae {args.command}: error: {err}", file=sys.stderr)
         return 2
     log.info("done in %.1f s", time.perf_counter() - start)

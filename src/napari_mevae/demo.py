@@ -35,41 +35,32 @@ def run_demo(
     was undertrained and the held-out cells' rotation leakage was 0.26-0.75 over two seeds
     (one run used no latent dimension at all); with these, 0.00-0.03 over five.
 
-    ``beta`` defaults to ``(size / 128) ** 2``: the loss scales the reconstruction by
-    ``size**2``, so this keeps the reference's reconstruction / KL balance (at 32 px and beta 1
-    the KL wins and the short demo run uses no latent dimension at all)."""
+    ``beta`` defaults to the KL-weight rule of :func:`napari_mevae.config.kl_weight`."""
     import pandas as pd
     import tifffile
     from tqdm.auto import tqdm
 
-    from .analysis import (
-        cluster,
-        encode,
-        export_features_csv,
-        features_table,
-        invariance_report,
-        reconstruct,
-        run_umap,
-    )
-    from .cells import extract_cells
-    from .figures import montage, save_png, save_umap_plot
-    from .model import MEVAEConfig, size_scaled_beta
+    from . import workflow
+    from .analysis import encode, export_features_csv, features_table, reconstruct
+    from .config import CropSettings, TrainOptions
+    from .evaluation import invariance_report
+    from .figures import montage, save_png, save_umap_plot, to_display
     from .synthetic import make_synthetic_cells
-    from .training import Trainer, TrainOptions
-    from .transforms import NuisancePairs
+    from .training import Trainer
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     per_field = 50
     fields = max(1, -(-n_cells // per_field))
     crops, tables, truth = [], [], []
+    settings = CropSettings(size=size, channel_axis=0, scale="fit")
     _say(verbose, f"1/4 making {fields} synthetic field(s) of {per_field} cells and cropping them")
     for f in range(fields):
         syn = make_synthetic_cells(n_cells=per_field, shape=(384, 384), channels=2, seed=seed + f)
         if f == 0:
             tifffile.imwrite(out / "cells_image.tif", syn.image)
             tifffile.imwrite(out / "cells_labels.tif", syn.labels)
-        cells = extract_cells(syn.image, syn.labels, size=size, channel_axis=0, scale="fit")
+        cells = workflow.crop_cells(syn.image, syn.labels, settings)
         kept = cells.kept.copy()
         kept["plane"] = f  # one "plane" per synthetic field
         crops.append(cells.crops)
@@ -81,19 +72,19 @@ def run_demo(
     class_names = syn.class_names
 
     nuisances = ["rotation", "polarity"]
-    cfg = MEVAEConfig(
+    cfg = workflow.build_config(
+        "mevae",
         image_size=size,
         channels=crops_arr.shape[1],
+        nuisances=nuisances,
+        beta=beta,
         latent_dim=latent_dim,
         inter_dim=64,
         nlayers=3,
         nfilters=16,
-        n_encoders=len(nuisances),
-        nuisances=nuisances,
-        beta=size_scaled_beta(1.0, size) if beta is None else beta,
     )
     n_train = int(len(crops_arr) * 0.8)
-    dataset = NuisancePairs(crops_arr[:n_train], nuisances, seed=seed)
+    dataset = workflow.training_dataset(crops_arr[:n_train], nuisances, "mevae", seed=seed)
     opts = TrainOptions(
         epochs=epochs, batch_size=32, learn_rate=1e-3, seed=seed, save_dir=out, patience=50
     )
@@ -103,28 +94,23 @@ def run_demo(
         f"2/4 training an ME-VAE (K={cfg.n_encoders}) on {n_train} cells for {epochs} epochs",
     )
     bar = tqdm(total=epochs, unit="epoch", disable=verbose <= 0, file=sys.stderr)
-    with open(out / "training.log", "w") as log:
-        log.write("epoch\tloss\n")
-        for rep in trainer.run():
-            if rep.kind == "epoch":
-                log.write(f"{rep.epoch - 1}\t{rep.loss:.6f}\n")
-                bar.update(1)
-                bar.set_postfix(loss=f"{rep.loss:.1f}")
+    for rep in workflow.run_training(trainer, out / "training.log"):
+        if rep.kind == "epoch":
+            bar.update(1)
+            bar.set_postfix(loss=f"{rep.loss:.1f}")
     bar.close()
     model = trainer.model_unwrapped
 
     _say(verbose, "3/4 encoding every cell, UMAP and k-means clustering")
     latents = encode(model, crops_arr)
-    embedding = run_umap(latents, seed=seed)
-    k = len(class_names)
-    clusters = cluster(latents, "kmeans", n_clusters=k, seed=seed)
+    embedding, clusters = workflow.cluster_cells(
+        latents, "kmeans", n_clusters=len(class_names), seed=seed
+    )
     feats = features_table(table, latents, embedding, clusters)
     feats.insert(feats.columns.get_loc("cluster") + 1, "true_class", truth_arr)
     export_features_csv(feats, out / "features.csv", sources={"image": "synthetic cells"})
 
     recon = reconstruct(model, crops_arr[:32])
-    from .figures import to_display
-
     pairs = np.empty((64, *to_display(crops_arr[:1]).shape[1:]), np.float32)
     pairs[0::2] = to_display(crops_arr[:32])
     pairs[1::2] = to_display(recon)

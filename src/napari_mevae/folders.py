@@ -1,14 +1,23 @@
 """The reference's folder layout: ``<dir>/train/*.tif`` (or ``<dir>/*.tif``), one folder per
 encoder input plus one for the target, images paired BY FILE NAME (the reference paired by
 position and silently mixed cells up when a file was missing).
+
+Everything that reads or writes those folders is here, with one reader and one writer:
+
+- :func:`read_image` scales every file to [0, 1] by ONE rule: uint8 files are divided by 255
+  (the exact inverse of :func:`write_image`, so crops written by ``mevae pairs`` read back as
+  they were); any other file (uint16, float...) is divided by its own maximum, as the
+  reference does (an all-zero image stays zero instead of becoming NaN).
+- :func:`write_image` writes [0, 1] images as uint8 TIFF.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -20,6 +29,9 @@ __all__ = [
     "write_image",
     "FolderPairs",
     "FolderTargets",
+    "LazyFolderTargets",
+    "export_pairs",
+    "read_pairs",
     "natural_key",
 ]
 
@@ -70,9 +82,9 @@ def match_by_name(folders: Sequence[str | os.PathLike]) -> tuple[list[str], list
 def read_image(
     path: str | os.PathLike, image_size: int | None = None, channels: int | None = None
 ) -> np.ndarray:
-    """One image as float32 ``(C, S, S)`` scaled to [0, 1] by its own maximum (as the reference;
-    an all-zero image stays zero instead of becoming NaN).  Resized when ``image_size`` differs.
-    Channel-last files ``(Y, X, C)`` with C <= 32 are moved to channel-first."""
+    """One image as float32 ``(C, S, S)`` in [0, 1] (uint8 / 255, anything else / its own
+    maximum: see the module's docstring).  Resized when ``image_size`` differs.  Channel-last
+    files ``(Y, X, C)`` with C <= 32 are moved to channel-first."""
     path = Path(path)
     if path.suffix.lower() in (".tif", ".tiff"):
         import tifffile
@@ -83,10 +95,11 @@ def read_image(
 
         arr = imread(path)
     arr = np.asarray(arr)
+    as_uint8 = arr.dtype == np.uint8
     if arr.ndim == 2:
         arr = arr[None]
     elif arr.ndim == 3:
-        if arr.shape[-1] <= 32 and arr.shape[0] > 32:  # (Y, X, C)
+        if arr.shape[-1] <= 32 and arr.shape[0] > arr.shape[-1]:  # (Y, X, C)
             arr = np.moveaxis(arr, -1, 0)
     else:
         raise ValueError(f"{path}: expected a 2-D or 3-D image, got shape {arr.shape}")
@@ -111,7 +124,7 @@ def read_image(
             preserve_range=True,
         )
         arr = arr.astype(np.float32)
-    peak = float(arr.max()) if arr.size else 0.0
+    peak = 255.0 if as_uint8 else (float(arr.max()) if arr.size else 0.0)
     if peak > 0:
         arr /= peak
     np.clip(arr, 0.0, 1.0, out=arr)
@@ -120,15 +133,16 @@ def read_image(
 
 def write_image(path: str | os.PathLike, image: np.ndarray) -> Path:
     """Save a ``(C, S, S)`` (or ``(S, S)``) image in [0, 1] as uint8 TIFF (2-D when one channel,
-    channel-first otherwise)."""
+    channel-first otherwise; NaN counts as 0)."""
     import tifffile
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arr = np.asarray(image, dtype=np.float32)
+    arr = np.nan_to_num(np.asarray(image, dtype=np.float32))
     if arr.ndim == 3 and arr.shape[0] == 1:
         arr = arr[0]
-    tifffile.imwrite(path, np.round(np.clip(arr, 0, 1) * 255).astype(np.uint8))
+    data = np.round(np.clip(arr, 0, 1) * 255).astype(np.uint8)
+    tifffile.imwrite(path, data, photometric="minisblack")
     return path
 
 
@@ -236,3 +250,84 @@ class FolderTargets:
     @property
     def filenames(self) -> list[str]:
         return [str(p) for p in self.paths]
+
+
+class LazyFolderTargets:
+    """A folder of canonical crop images read one file per item (for folders too big to load)."""
+
+    def __init__(self, folder: str | os.PathLike, image_size: int, channels: int = 1) -> None:
+        self.paths = list_images(folder)
+        self.names = [p.stem for p in self.paths]
+        self.image_size, self.channels = image_size, channels
+        self.shape = (len(self.paths), channels, image_size, image_size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return read_image(self.paths[i], self.image_size, self.channels)
+
+    @property
+    def filenames(self) -> list[str]:
+        return [str(p) for p in self.paths]
+
+
+def export_pairs(
+    targets: Any,
+    out_dir: str | os.PathLike,
+    nuisances: str | Sequence[str] = ("rotation", "polarity"),
+    seed: int | None = 0,
+    names: Sequence[str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Path]:
+    """Write the reference layout for the published code and for ``mevae train --data_dir``:
+    ``out_dir/InputImages{k}/train/<name>.tif`` (k = 1..K, nuisance k randomised, epoch 0 of
+    :class:`NuisancePairs` with this seed) and ``out_dir/OutputImages/train/<name>.tif`` (targets).
+
+    Files are uint8; one channel -> ``(S, S)``, several -> channel-first ``(C, S, S)``.
+    ``names`` are file stems (default ``Image_0`` ...).  Returns the target paths, one per crop.
+    """
+    from .nuisances import NuisancePairs
+
+    ds = NuisancePairs(targets, nuisances, seed=seed)
+    n = len(ds)
+    if names is None:
+        names = [f"Image_{i}" for i in range(n)]
+    names = [str(s) for s in names]
+    if len(names) != n:
+        raise ValueError(f"{len(names)} names for {n} crops")
+    if len(set(names)) != n:
+        raise ValueError("names must be unique (images are paired by file name)")
+    out = Path(out_dir)
+    in_dirs = [out / f"InputImages{k + 1}" / "train" for k in range(ds.n_encoders)]
+    tg_dir = out / "OutputImages" / "train"
+    for d in [*in_dirs, tg_dir]:
+        d.mkdir(parents=True, exist_ok=True)
+    files: list[Path] = []
+    every = max(1, n // 100)
+    for i in range(n):
+        inputs, target = ds[i][:2]
+        for k, d in enumerate(in_dirs):
+            write_image(d / f"{names[i]}.tif", inputs[k].numpy())
+        files.append(write_image(tg_dir / f"{names[i]}.tif", target.numpy()))
+        if progress is not None and ((i + 1) % every == 0 or i + 1 == n):
+            progress(i + 1, n)
+    return files
+
+
+def read_pairs(out_dir: str | os.PathLike) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
+    """Read :func:`export_pairs`' layout back: inputs per encoder ``(N, C, S, S)``, targets and
+    the file stems, paired by file name (natural order)."""
+    out = Path(out_dir)
+    in_dirs = []
+    k = 1
+    while (out / f"InputImages{k}").is_dir():
+        in_dirs.append(out / f"InputImages{k}")
+        k += 1
+    if not in_dirs:
+        raise FileNotFoundError(f"no InputImages1 folder in {out}")
+    if not (out / "OutputImages").is_dir():
+        raise FileNotFoundError(f"no OutputImages folder in {out}")
+    names, paths = match_by_name([*in_dirs, out / "OutputImages"])
+    arrays = [np.stack([read_image(p) for p in col]) for col in paths]
+    return arrays[:-1], arrays[-1], list(names)

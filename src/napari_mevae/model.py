@@ -2,166 +2,21 @@
 
 K = 1 is the standard VAE baseline, a ``beta`` above 1 the beta-VAE baseline, K = 2 the
 published reference and K >= 3 the paper's multi-nuisance set-up.  Everything is defined by a
-:class:`MEVAEConfig`, which round-trips through JSON so a checkpoint always says what it holds.
+:class:`~napari_mevae.config.MEVAEConfig`, which round-trips through JSON so a checkpoint always says what it holds.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = [
-    "MEVAEConfig",
-    "MEVAE",
-    "VAEOutput",
-    "preset",
-    "PRESETS",
-    "count_parameters",
-    "ACTIVE_VARIANCE",
-    "size_scaled_beta",
-]
+from .config import ACTIVE_VARIANCE, MEVAEConfig
 
-# A latent dimension is active when its posterior mean varies across cells by more than this
-# (Burda et al. 2016, "active units"): below it the posterior sits on the prior, the decoder
-# ignores the dimension, and what is left in its mean is residue, not a feature.
-ACTIVE_VARIANCE = 0.01
-
-
-@dataclass
-class MEVAEConfig:
-    """Architecture and loss of an ME-VAE; everything needed to rebuild the module.
-
-    ``n_encoders`` is K.  ``beta`` weights the KL term (1 = VAE / ME-VAE, > 1 = beta-VAE).
-    ``recon_loss`` is ``"bce"`` (binary cross-entropy, as the reference) or ``"mse"``; either is
-    averaged over pixels and scaled by ``image_size**2`` as in the reference.
-    """
-
-    image_size: int = 128
-    channels: int = 1
-    latent_dim: int = 128
-    inter_dim: int = 128
-    nlayers: int = 3
-    nfilters: int = 16
-    kernel_size: int = 3
-    n_encoders: int = 2
-    beta: float = 1.0
-    recon_loss: Literal["bce", "mse"] = "bce"
-    epsilon_std: float = 1.0
-    nuisances: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise a ValueError that names the bad field, before any tensor is built."""
-        for name in ("image_size", "channels", "latent_dim", "inter_dim", "nlayers", "nfilters"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.n_encoders, int) or self.n_encoders < 1:
-            raise ValueError(f"n_encoders (K) must be an integer >= 1, got {self.n_encoders!r}")
-        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be a positive odd integer, got {self.kernel_size}")
-        step = 2**self.nlayers
-        if self.image_size % step:
-            raise ValueError(
-                f"image_size {self.image_size} must be a multiple of 2**nlayers = {step} "
-                f"(nlayers={self.nlayers}); try {max(step, round(self.image_size / step) * step)}"
-            )
-        if self.beta < 0 or not math.isfinite(self.beta):
-            raise ValueError(f"beta must be a finite number >= 0, got {self.beta}")
-        if self.recon_loss not in ("bce", "mse"):
-            raise ValueError(f"recon_loss must be 'bce' or 'mse', got {self.recon_loss!r}")
-        if self.epsilon_std < 0:
-            raise ValueError(f"epsilon_std must be >= 0, got {self.epsilon_std}")
-
-    # -- serialisation -------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MEVAEConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown ME-VAE config field(s): {', '.join(unknown)}")
-        return cls(**data)
-
-    @classmethod
-    def from_json(cls, text: str) -> MEVAEConfig:
-        return cls.from_dict(json.loads(text))
-
-    def diff(self, other: MEVAEConfig) -> dict[str, tuple[Any, Any]]:
-        """Fields whose values differ, as ``{name: (self, other)}``: for clear mismatch errors."""
-        a, b = self.to_dict(), other.to_dict()
-        return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
-
-    @property
-    def bottleneck_size(self) -> int:
-        return self.image_size // 2**self.nlayers
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # The published reference: two encoders, 3 stride-2 convs of 16/32/64 filters, inter_dim 128.
-    "reference": dict(
-        image_size=128,
-        channels=1,
-        latent_dim=32,
-        inter_dim=128,
-        nlayers=3,
-        nfilters=16,
-        kernel_size=3,
-        n_encoders=2,
-        beta=1.0,
-        recon_loss="bce",
-    ),
-    # Baselines of the paper, same architecture.
-    "vae": dict(n_encoders=1, beta=1.0),
-    "betavae": dict(n_encoders=1, beta=4.0),
-    "mevae": dict(n_encoders=2, beta=1.0),
-    # Small and fast: tiny crops for tests and quick looks.
-    "tiny": dict(image_size=32, latent_dim=8, inter_dim=32, nlayers=3, nfilters=8),
-}
-
-
-def size_scaled_beta(beta: float, image_size: int) -> float:
-    """``beta * (image_size / 128) ** 2``: the KL weight that keeps the reference's balance
-    between reconstruction and KL at another crop size.  The loss scales the reconstruction by
-    ``image_size**2`` and the reference trains at 128 px, so at 32 px an unscaled KL weighs 16x
-    more and a short run ends with no latent dimension in use."""
-    return float(beta) * (image_size / 128) ** 2
-
-
-def model_kind(config: MEVAEConfig) -> str:
-    """ "ME-VAE", "VAE" or "beta-VAE": a one-encoder model is a plain VAE when its KL weight is
-    1, as the reference sets it, or 1 scaled to its crop size (:func:`size_scaled_beta`)."""
-    if config.n_encoders > 1:
-        return "ME-VAE"
-    plain = math.isclose(config.beta, 1.0) or math.isclose(
-        config.beta, size_scaled_beta(1.0, config.image_size)
-    )
-    return "VAE" if plain else "beta-VAE"
-
-
-def preset(name: str, **overrides: Any) -> MEVAEConfig:
-    """A config from a named preset; ``overrides`` win.  Presets other than ``reference``
-    start from the reference architecture."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    values = dict(PRESETS["reference"])
-    values.update(PRESETS[name])
-    values.update(overrides)
-    return MEVAEConfig(**values)
+__all__ = ["MEVAE", "VAEOutput", "count_parameters"]
 
 
 @dataclass
@@ -271,15 +126,8 @@ class MEVAE(nn.Module):
         self.encoders = nn.ModuleList(Encoder(config) for _ in range(config.n_encoders))
         self.decoder = Decoder(config)
         # variance over the training cells of each fused latent mean, measured by the trainer
-        # during the last epoch; NaN = not measured (untrained, or an older checkpoint)
+        # during the last epoch; NaN = not measured (untrained)
         self.register_buffer("latent_variance", torch.full((config.latent_dim,), math.nan))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        # checkpoints written before latent_variance existed load as "not measured"
-        state_dict.setdefault(
-            prefix + "latent_variance", torch.full_like(self.latent_variance, math.nan)
-        )
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def n_active(self) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CropStore", "write_crops", "open_crops", "LazyFolderTargets"]
+__all__ = ["CropStore", "write_crops"]
 
 _DTYPES = (np.float32, np.float16, np.uint8)
 
@@ -142,31 +142,3 @@ class CropStore:
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         arr = self[:]
         return arr if dtype is None else arr.astype(dtype)
-
-
-def open_crops(path: str | os.PathLike) -> CropStore:
-    return CropStore(path)
-
-
-class LazyFolderTargets:
-    """A folder of canonical crop images read one file per item (for folders too big to load)."""
-
-    def __init__(self, folder: str | os.PathLike, image_size: int, channels: int = 1) -> None:
-        from .folders import list_images
-
-        self.paths = list_images(folder)
-        self.names = [p.stem for p in self.paths]
-        self.image_size, self.channels = image_size, channels
-        self.shape = (len(self.paths), channels, image_size, image_size)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        from .folders import read_image
-
-        return read_image(self.paths[i], self.image_size, self.channels)
-
-    @property
-    def filenames(self) -> list[str]:
-        return [str(p) for p in self.paths]

@@ -7,108 +7,24 @@ closing the generator) and always leaves a usable model and, with a ``save_dir``
 
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 import random
-import sys
-import tempfile
-import threading
 import time
 from collections.abc import Generator, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .model import MEVAE, MEVAEConfig, VAEOutput
-from .optim import FusedRMSprop
+from .checkpoints import CHECKPOINT_NAME, Checkpoint, model_config, save_checkpoint, unwrap
+from .config import CheckpointError, MEVAEConfig, TrainingDiverged, TrainOptions
+from .model import MEVAE, VAEOutput
+from .speedups import AUTOCAST_DTYPES, BatchLoader, FusedRMSprop, resolve_precision, tune_malloc
 
-__all__ = [
-    "TrainOptions",
-    "TrainReport",
-    "Trainer",
-    "TrainingDiverged",
-    "CheckpointError",
-    "Checkpoint",
-    "save_checkpoint",
-    "load_checkpoint",
-    "resolve_checkpoint",
-    "select_device",
-    "seed_everything",
-]
-
-CHECKPOINT_FORMAT = "napari-mevae-checkpoint"
-CHECKPOINT_VERSION = 1
-CHECKPOINT_NAME = "checkpoint.pt"
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the model holds the last good weights."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt, unsafe or does not fit the data/model."""
-
-
-PRECISIONS = ("auto", "float32", "bf16", "fp16")
-
-
-@dataclass
-class TrainOptions:
-    """How to train; defaults follow the reference (RMSprop, lr 5e-4, batch 50, patience 8)."""
-
-    epochs: int = 10
-    batch_size: int = 50
-    learn_rate: float = 5e-4
-    seed: int | None = None
-    device: str = "auto"
-    earlystop: bool = True
-    patience: int = 8
-    min_delta: float = 0.0
-    save_dir: str | os.PathLike | None = None
-    num_workers: int = 0
-    shuffle: bool = True
-    channels_last: bool = True
-    distributed: bool = False
-    # Performance knobs (see docs/benchmarks.md, "Training throughput"):
-    # compile: torch.compile the model (inductor); pays only for long runs (compile takes ~1 min).
-    compile: bool = False
-    # precision: "auto" = bfloat16 autocast for the forward pass where the hardware runs bf16
-    # natively (CPUs with avx512_bf16 / AMX, GPUs from Ampere on), float16 autocast with loss
-    # scaling on older CUDA GPUs (Volta, Turing: T4, V100), float32 elsewhere; "bf16" asks for
-    # bf16 wherever oneDNN / the GPU supports it, even emulated; "fp16" for float16 with loss
-    # scaling (CUDA; CPUs emulate it slowly); "float32" never uses either.  Weights, optimizer
-    # and loss stay float32 (docs/benchmarks.md: bf16 1.3-1.7x faster than float32 here,
-    # invariance within the float32 seed-to-seed spread).
-    precision: str = "auto"
-    # tune_malloc: on Linux/glibc, keep large freed blocks in the heap while training instead of
-    # returning them to the OS, so the per-step activations are not page-faulted in again
-    # every step; restored (and the memory released) when training ends.
-    tune_malloc: bool = True
-    # kl_warmup: ramp the KL weight linearly from 0 to beta over this many epochs (0 = off, as
-    # the reference), so the encoders learn to carry the cell before the KL prior squeezes
-    # them; early stopping only counts epochs after the ramp.
-    kl_warmup: float = 0.0
-
-    def validate(self) -> None:
-        if self.epochs < 0:
-            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not (self.learn_rate > 0 and math.isfinite(self.learn_rate)):
-            raise ValueError(f"learn_rate must be a positive number, got {self.learn_rate}")
-        if self.patience < 1:
-            raise ValueError(f"patience must be >= 1, got {self.patience}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(
-                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
-            )
-        if not (self.kl_warmup >= 0 and math.isfinite(self.kl_warmup)):
-            raise ValueError(f"kl_warmup must be a number of epochs >= 0, got {self.kl_warmup}")
+__all__ = ["TrainReport", "Trainer", "select_device", "seed_everything"]
 
 
 class EpochSampler(Sampler[int]):
@@ -143,10 +59,11 @@ class EpochSampler(Sampler[int]):
 
 @dataclass
 class TrainReport:
-    """One progress message.  ``kind`` is ``step``, ``epoch`` or ``end``.
+    """One progress message.  ``kind`` is ``start`` (from :func:`workflow.run_training`),
+    ``step``, ``epoch`` or ``end``.
 
     For ``end`` reports ``reason`` says why training ended: ``done``, ``early_stop`` or
-    ``stopped``.  Plain numbers only, so a GUI thread can take it across threads safely.
+    ``stopped``.  Plain numbers and arrays only, so it crosses threads and processes safely.
     """
 
     kind: str
@@ -161,31 +78,13 @@ class TrainReport:
     reason: str = ""
     message: str = ""
     checkpoint: str = ""
+    preview: np.ndarray | None = None  # reconstructions of the preview cells (epoch reports)
 
     @property
     def progress(self) -> float:
         """Fraction of the whole run done, 0..1."""
         total = max(1, self.epochs * self.steps_per_epoch)
         return min(1.0, (self.epoch * self.steps_per_epoch + self.step) / total)
-
-
-@dataclass
-class Checkpoint:
-    config: MEVAEConfig
-    model_state: dict[str, torch.Tensor]
-    optimizer_state: dict[str, Any] | None = None
-    epoch: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
-    path: Path | None = None
-
-    def build_model(self, device: str | torch.device = "cpu") -> MEVAE:
-        model = MEVAE(self.config)
-        try:
-            model.load_state_dict(self.model_state)
-        except RuntimeError as err:  # shape mismatch inside a hand-edited file
-            raise CheckpointError(f"checkpoint weights do not fit its own config: {err}") from err
-        return model.to(device).eval()
 
 
 # -- devices and seeds -----------------------------------------------------------------------
@@ -212,267 +111,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# -- checkpoints -----------------------------------------------------------------------------
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        _readable(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    _readable(tmp)
-    os.replace(tmp, path)
-
-
-def _readable(path: str) -> None:
-    """mkstemp makes 0600 files; give checkpoints the usual umask-based permissions."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def save_checkpoint(
-    path: str | os.PathLike,
-    model: MEVAE,
-    optimizer: torch.optim.Optimizer | None = None,
-    epoch: int = 0,
-    history: Iterable[dict[str, float]] = (),
-    extra: dict[str, Any] | None = None,
-    optimizer_state: dict[str, Any] | None = None,
-) -> Path:
-    """Write weights + config atomically (temp file + rename) and a readable config JSON beside.
-
-    ``path`` is a ``.pt`` file or a directory (then ``<dir>/checkpoint.pt``).  The optimizer
-    state comes from ``optimizer`` or, when only its state is at hand, ``optimizer_state``."""
-    path = Path(path)
-    if path.suffix != ".pt":
-        path = path / CHECKPOINT_NAME
-    state = {k: v.detach().to("cpu") for k, v in _unwrap(model).state_dict().items()}
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        "config": model_config(model).to_dict(),
-        "model": state,
-        "optimizer": optimizer.state_dict() if optimizer is not None else optimizer_state,
-        "epoch": int(epoch),
-        "history": [dict(h) for h in history],
-        "extra": dict(extra or {}),
-    }
-    _atomic_torch_save(payload, path)
-    _atomic_write_text(model_config(model).to_json() + "\n", path.with_suffix(".json"))
-    return path
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint file, or the save_dir / models dir of a training run."""
-    p = Path(path)
-    if p.is_dir():
-        for cand in (p / CHECKPOINT_NAME, p / "models" / CHECKPOINT_NAME):
-            if cand.is_file():
-                return cand
-        raise CheckpointError(
-            f"no checkpoint in directory {p}: expected {CHECKPOINT_NAME} or models/{CHECKPOINT_NAME}"
-        )
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint not found: {p}")
-    return p
-
-
-def load_checkpoint(
-    path: str | os.PathLike, map_location: str | torch.device = "cpu"
-) -> Checkpoint:
-    """Read a checkpoint safely: ``weights_only=True`` so a file can never run code."""
-    p = resolve_checkpoint(path)
-    try:
-        payload = torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as err:  # pickle.UnpicklingError, RuntimeError (zip), EOFError...
-        raise CheckpointError(
-            f"cannot read checkpoint {p}: not a napari-mevae checkpoint, corrupt, or it holds "
-            f"objects other than weights (refused for safety). Details: {err}"
-        ) from err
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{p} is not a napari-mevae checkpoint (no format marker)")
-    if payload.get("version", 0) > CHECKPOINT_VERSION:
-        raise CheckpointError(
-            f"{p} was written by a newer napari-mevae (format version {payload['version']})"
-        )
-    try:
-        config = MEVAEConfig.from_dict(payload["config"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{p} has an invalid model config: {err}") from err
-    return Checkpoint(
-        config=config,
-        model_state=payload["model"],
-        optimizer_state=payload.get("optimizer"),
-        epoch=int(payload.get("epoch", 0)),
-        history=list(payload.get("history", [])),
-        extra=dict(payload.get("extra", {})),
-        path=p,
-    )
-
-
-def check_compatible(config: MEVAEConfig, image_size: int, channels: int, n_inputs: int) -> None:
-    """Clear error when data does not fit a (loaded) model, naming what differs."""
-    problems = []
-    if config.image_size != image_size:
-        problems.append(f"image size: model {config.image_size}, data {image_size}")
-    if config.channels != channels:
-        problems.append(f"channels: model {config.channels}, data {channels}")
-    if config.n_encoders != n_inputs:
-        problems.append(f"encoder inputs: model K={config.n_encoders}, data {n_inputs}")
-    if problems:
-        raise CheckpointError("model and data do not match: " + "; ".join(problems))
-
-
-def _unwrap(model: torch.nn.Module) -> MEVAE:
-    return getattr(model, "module", model)
-
-
-def model_config(model: torch.nn.Module) -> MEVAEConfig:
-    return _unwrap(model).config
-
-
-# -- performance helpers ---------------------------------------------------------------------
-class _BatchLoader:
-    """Whole batches straight from an in-memory data set, instead of a DataLoader collating
-    ``batch`` single items: ``dataset.get_batch(indices)`` or, for a ``TensorDataset``, its
-    tensors indexed at once.  Same batches, in the same order, as
-    ``DataLoader(dataset, batch_size, sampler=sampler, drop_last=False)``."""
-
-    def __init__(self, dataset: Any, sampler: Sampler[int], batch_size: int) -> None:
-        self.dataset, self.sampler, self.batch_size = dataset, sampler, batch_size
-
-    @staticmethod
-    def supports(dataset: Any) -> bool:
-        return callable(getattr(dataset, "get_batch", None)) or isinstance(
-            dataset, torch.utils.data.TensorDataset
-        )
-
-    def fetch(self, indices: torch.Tensor):
-        get_batch = getattr(self.dataset, "get_batch", None)
-        if callable(get_batch):
-            return get_batch(indices)
-        return tuple(t[indices] for t in self.dataset.tensors)
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.sampler) / self.batch_size)  # type: ignore[arg-type]
-
-    def __iter__(self):
-        # a DataLoader iterator draws its base seed from the global generator: draw it too, so
-        # the model's sampling noise (and so every loss) is the same on both paths
-        torch.empty((), dtype=torch.int64).random_()
-        order = torch.as_tensor(list(self.sampler), dtype=torch.long)
-        for start in range(0, len(order), self.batch_size):
-            yield self.fetch(order[start : start + self.batch_size])
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
-_GLIBC_DEFAULT_THRESHOLD = 128 * 1024
-_malloc_lock = threading.Lock()
-_malloc_users = 0
-
-
-def _tune_malloc() -> Any:
-    """Keep big freed blocks in the heap for the duration of training (glibc only).
-
-    By default glibc serves every block above 128 KiB-32 MiB with a fresh mmap and gives it
-    back on free, so each training step page-faults all its activations in again (tens of
-    thousands of faults per step at batch 10, S=128: ~10% of the step).  Returns a callable
-    that restores glibc's defaults and releases the cached memory, or None if not applicable.
-    """
-    global _malloc_users
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl...)
-        return None
-    with _malloc_lock:
-        if _malloc_users == 0:
-            if not (mallopt(_M_MMAP_THRESHOLD, 1 << 30) or mallopt(_M_MMAP_THRESHOLD, 32 << 20)):
-                return None
-            mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
-        _malloc_users += 1
-
-    def restore() -> None:
-        global _malloc_users
-        with _malloc_lock:
-            _malloc_users -= 1
-            if _malloc_users == 0:
-                mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
-                mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
-                malloc_trim(0)
-
-    return restore
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """bfloat16 compute is available: oneDNN bf16 on CPU (native or emulated on AVX-512),
-    bf16-capable GPUs."""
-    if device.type == "cpu":
-        mkldnn = torch.backends.mkldnn
-        return bool(mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return False
-
-
-def fp16_supported(device: torch.device) -> bool:
-    """float16 autocast and loss scaling run: any CUDA GPU, and CPUs (emulated, slow)."""
-    return device.type in ("cuda", "cpu")
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def bf16_native(device: torch.device) -> bool:
-    """bfloat16 runs in hardware (faster than float32): CPUs with avx512_bf16 or AMX (Linux),
-    GPUs from Ampere on (compute capability 8).  On AVX-512 CPUs without them oneDNN only
-    emulates bf16, and so does torch on older GPUs (T4, V100), where float16 is the fast one."""
-    if device.type == "cpu":
-        return bf16_supported(device) and bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """The precision a run actually uses: ``"bf16"``, ``"fp16"`` or ``"float32"``."""
-    if precision == "bf16":
-        return "bf16" if bf16_supported(device) else "float32"
-    if precision == "fp16":
-        return "fp16" if fp16_supported(device) else "float32"
-    if precision == "auto":
-        if bf16_native(device):
-            return "bf16"
-        return "fp16" if device.type == "cuda" else "float32"
-    return "float32"
-
-
-#: autocast dtype of each reduced precision
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 # -- the trainer -----------------------------------------------------------------------------
 class Trainer:
     """Trains an :class:`MEVAE` on a dataset of ``(inputs (K,C,S,S), target (C,S,S))`` items.
@@ -490,6 +128,8 @@ class Trainer:
     ) -> None:
         self.options = options or TrainOptions()
         self.options.validate()
+        if self.options.threads is not None:
+            torch.set_num_threads(self.options.threads)
         if isinstance(model, MEVAEConfig):
             if self.options.seed is not None:
                 seed_everything(self.options.seed)
@@ -593,7 +233,7 @@ class Trainer:
 
     @property
     def model_unwrapped(self) -> MEVAE:
-        return _unwrap(self.model)
+        return unwrap(self.model)
 
     def close(self) -> None:
         """Wait for every process and leave the process group this trainer created."""
@@ -628,8 +268,8 @@ class Trainer:
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
         self.sampler.set_epoch(epoch)
-        if self.options.num_workers == 0 and _BatchLoader.supports(self.dataset):
-            return _BatchLoader(self.dataset, self.sampler, self.options.batch_size // self.world)
+        if self.options.num_workers == 0 and BatchLoader.supports(self.dataset):
+            return BatchLoader(self.dataset, self.sampler, self.options.batch_size // self.world)
         return DataLoader(
             self.dataset,
             batch_size=self.options.batch_size // self.world,
@@ -654,7 +294,7 @@ class Trainer:
             out = self.model(inputs)
         if self._autocast is not None:  # the loss in float32, whatever the forward ran in
             out = VAEOutput(*(t.float() for t in (out.recon_logits, out.means, out.logvars, out.z)))
-        terms = _unwrap(self.model).loss(out, target)
+        terms = unwrap(self.model).loss(out, target)
         # sum and sum of squares of the fused means: which latent dimensions are in use
         fused = MEVAE.fuse(out.means.detach())
         terms["latent_moments"] = torch.cat([fused.sum(0), fused.pow(2).sum(0)])
@@ -664,7 +304,7 @@ class Trainer:
     def run(self) -> Generator[TrainReport, None, MEVAE]:
         """Train, yielding a report per step, one per epoch and a final ``end`` report."""
         tuned = self.options.tune_malloc and self.device.type == "cpu"
-        restore = _tune_malloc() if tuned else None
+        restore = tune_malloc() if tuned else None
         try:
             return (yield from self._run())
         finally:
@@ -810,7 +450,7 @@ class Trainer:
     def _finish(self) -> MEVAE:
         """Back to the default memory layout, so later encodings match a reloaded checkpoint
         bit for bit."""
-        model = _unwrap(self.model)
+        model = unwrap(self.model)
         model.to(memory_format=torch.contiguous_format).eval()
         return model
 
@@ -833,7 +473,7 @@ class Trainer:
         half = moments.numel() // 2
         mean = moments[:half] / seen
         var = (moments[half:] / seen - mean**2).clamp_min(0.0)
-        buf = _unwrap(self.model).latent_variance
+        buf = unwrap(self.model).latent_variance
         buf.copy_(var.to(buf.device, buf.dtype))
 
     def _record(

@@ -11,8 +11,9 @@ def _layer_state(viewer):
 
 
 def _checkpoint(path, channels: int, size: int = 32):
-    from napari_mevae.model import MEVAE, preset
-    from napari_mevae.training import save_checkpoint
+    from napari_mevae.checkpoints import save_checkpoint
+    from napari_mevae.config import preset
+    from napari_mevae.model import MEVAE
 
     model = MEVAE(preset("tiny", image_size=size, channels=channels, latent_dim=8, n_encoders=2))
     return save_checkpoint(path, model), model

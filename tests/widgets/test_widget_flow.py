@@ -122,7 +122,7 @@ def test_full_flow(extracted, qtbot, tmp_path, notes):
     latents = s.latents.copy()
     ckpt = widget.model_panel.save_checkpoint(tmp_path / "model.pt")
     assert ckpt.is_file()
-    from napari_mevae.training import load_checkpoint
+    from napari_mevae.checkpoints import load_checkpoint
 
     saved = load_checkpoint(ckpt)
     assert saved.optimizer_state and saved.optimizer_state["state"]  # "train more" resumes RMSprop
@@ -187,7 +187,7 @@ def test_baselines_train(extracted, qtbot, notes, model_type):
 
 
 def test_kl_warmup_and_precision_reach_the_trainer(extracted, qtbot, notes):
-    from napari_mevae.training import PRECISIONS
+    from napari_mevae.config import PRECISIONS
 
     viewer, widget = extracted
     m = widget.model_panel

@@ -87,7 +87,7 @@ def _numpy(x: Any) -> np.ndarray:
 def make_dataset(crops: np.ndarray, nuisances: Sequence[str], baseline: bool, seed: int = 0) -> Any:
     """The training set: nuisance pairs for an ME-VAE (K = number of nuisances), the
     autoencoding set for the VAE / beta-VAE baselines (K = 1)."""
-    from .. import transforms
+    from .. import nuisances as transforms
 
     if baseline:
         if nuisances:
@@ -175,8 +175,9 @@ def train_job(
     count and loss curve) and ``optimizer_state`` when known; otherwise a new one is built.
     """
     from ..analysis import reconstruct
-    from ..model import preset
-    from ..training import Checkpoint, Trainer, TrainOptions
+    from ..checkpoints import Checkpoint
+    from ..config import TrainOptions, preset
+    from ..training import Trainer
 
     baseline = MODEL_TYPES[model_type] != "mevae"
     seed = options_kw.get("seed") or 0

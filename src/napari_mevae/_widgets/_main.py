@@ -482,7 +482,7 @@ class ModelPanel(_Panel):
             self.status.setText("No model yet.")
             return
         cfg = model.config
-        from ..model import model_kind  # a model exists: torch is loaded
+        from ..config import model_kind  # a model exists: torch is loaded
 
         kind = model_kind(cfg)
         done = len([h for h in self.session.history if not h.get("partial")])
@@ -512,7 +512,8 @@ class ModelPanel(_Panel):
         nuisances = self.host.cells_panel.nuisances()
         model = None
         if self.continue_chk.isChecked() and s.model is not None:
-            from ..training import CheckpointError, check_compatible
+            from ..checkpoints import check_compatible
+            from ..config import CheckpointError
 
             model = s.model
             cfg = model.config
@@ -684,7 +685,7 @@ class ModelPanel(_Panel):
             )
             if not path:
                 return None
-        from ..training import save_checkpoint
+        from ..checkpoints import save_checkpoint
 
         s = self.session
         extra: dict[str, Any] = {"source": "napari-mevae widget", "model_type": s.model_type}
@@ -718,7 +719,9 @@ class ModelPanel(_Panel):
             )
             if not path:
                 return False
-        from ..training import CheckpointError, check_compatible, load_checkpoint, select_device
+        from ..checkpoints import check_compatible, load_checkpoint
+        from ..config import CheckpointError
+        from ..training import select_device
 
         s = self.session
         try:
@@ -748,7 +751,7 @@ class ModelPanel(_Panel):
         """Show a loaded model's settings so 'train more' continues it as it was."""
         self.latent.setValue(cfg.latent_dim)
         if model_type not in MODEL_TYPES:
-            from ..model import model_kind  # a loaded config: torch is loaded
+            from ..config import model_kind  # a loaded config: torch is loaded
 
             model_type = model_kind(cfg)
         self.type_combo.setCurrentText(model_type)
@@ -844,7 +847,8 @@ class AnalysePanel(_Panel):
         """Encode every cell in a worker, then reconstruct, then UMAP + cluster."""
         if self.busy or not self._ready():
             return None
-        from ..training import CheckpointError, check_compatible
+        from ..checkpoints import check_compatible
+        from ..config import CheckpointError
 
         s = self.session
         crops = s.crops

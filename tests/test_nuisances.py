@@ -7,18 +7,17 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from napari_mevae.synthetic import synthetic_crops
-from napari_mevae.transforms import (
+from napari_mevae.folders import export_pairs, read_pairs
+from napari_mevae.nuisances import (
     NUISANCES,
     NuisanceAutoencode,
     NuisancePairs,
     apply_nuisance,
     draw_and_apply,
-    export_pairs,
     get_nuisances,
-    read_pairs,
     register_nuisance,
 )
+from napari_mevae.synthetic import synthetic_crops
 
 
 @pytest.fixture(scope="module")

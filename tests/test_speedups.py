@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from napari_mevae import optim
-from napari_mevae.optim import FusedRMSprop
+from napari_mevae import speedups
+from napari_mevae.speedups import FusedRMSprop
 
 
 def small_net() -> nn.Module:
@@ -99,7 +99,7 @@ def test_options_the_loop_lacks_run_torchs_step(options):
 def test_without_the_kernel_or_with_odd_layouts_torch_steps(monkeypatch):
     ref, net = small_net(), small_net()
     oa, ob = torch.optim.RMSprop(ref.parameters(), lr=1e-3), FusedRMSprop(net.parameters(), lr=1e-3)
-    monkeypatch.setattr(optim, "_KERNEL", False)  # e.g. numba missing
+    monkeypatch.setattr(speedups, "_KERNEL", False)  # e.g. numba missing
     assert train(net, ob, 3) == train(ref, oa, 3)
     assert not ob.last_step_fused
     monkeypatch.undo()
@@ -129,8 +129,8 @@ def test_closure_is_evaluated_once():
 
 
 def test_trainer_uses_it_on_cpu():
-    from napari_mevae.model import preset
-    from napari_mevae.training import Trainer, TrainOptions
+    from napari_mevae.config import TrainOptions, preset
+    from napari_mevae.training import Trainer
 
     data = torch.utils.data.TensorDataset(torch.rand(8, 2, 1, 32, 32), torch.rand(8, 1, 32, 32))
     cfg = preset("tiny", n_encoders=2)

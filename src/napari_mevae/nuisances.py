@@ -24,11 +24,9 @@ return one of the same shape; ``draw`` gets a ``numpy.random.Generator`` and ret
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,8 +43,6 @@ __all__ = [
     "NuisancePairs",
     "NuisanceAutoencode",
     "draw_and_apply",
-    "export_pairs",
-    "read_pairs",
     "SCALE_RANGE",
 ]
 
@@ -397,100 +393,3 @@ def draw_and_apply(
         for i, p in enumerate(params):
             out[i] = nz.apply(src[i], p).numpy()
     return out, np.asarray(params)
-
-
-# -- the reference's folder layout ----------------------------------------------------------
-def _to_uint8(img: torch.Tensor | np.ndarray) -> np.ndarray:
-    arr = img.numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
-    arr = np.round(np.clip(np.nan_to_num(arr.astype(np.float32)), 0, 1) * 255).astype(np.uint8)
-    return arr[0] if arr.shape[0] == 1 else arr
-
-
-def _write_tif(path: Path, arr: np.ndarray) -> None:
-    import tifffile
-
-    tifffile.imwrite(path, arr, photometric="minisblack")
-
-
-def export_pairs(
-    targets: Any,
-    out_dir: str | os.PathLike,
-    nuisances: str | Sequence[str | Nuisance] = ("rotation", "polarity"),
-    seed: int | None = 0,
-    names: Sequence[str] | None = None,
-    progress: Callable[[int, int], None] | None = None,
-) -> list[Path]:
-    """Write the reference layout for the published code and for ``mevae train --data_dir``:
-    ``out_dir/InputImages{k}/train/<name>.tif`` (k = 1..K, nuisance k randomised, epoch 0 of
-    :class:`NuisancePairs` with this seed) and ``out_dir/OutputImages/train/<name>.tif`` (targets).
-
-    Files are uint8; one channel -> ``(S, S)``, several -> channel-first ``(C, S, S)``.
-    ``names`` are file stems (default ``Image_0`` ...).  Returns the target paths, one per crop.
-    """
-    ds = NuisancePairs(targets, nuisances, seed=seed)
-    n = len(ds)
-    if names is None:
-        names = [f"Image_{i}" for i in range(n)]
-    names = [str(s) for s in names]
-    if len(names) != n:
-        raise ValueError(f"{len(names)} names for {n} crops")
-    if len(set(names)) != n:
-        raise ValueError("names must be unique (images are paired by file name)")
-    out = Path(out_dir)
-    in_dirs = [out / f"InputImages{k + 1}" / "train" for k in range(ds.n_encoders)]
-    tg_dir = out / "OutputImages" / "train"
-    for d in [*in_dirs, tg_dir]:
-        d.mkdir(parents=True, exist_ok=True)
-    files: list[Path] = []
-    every = max(1, n // 100)
-    with torch.no_grad():
-        for i in range(n):
-            inputs, target = ds[i][:2]
-            for k, d in enumerate(in_dirs):
-                _write_tif(d / f"{names[i]}.tif", _to_uint8(inputs[k]))
-            path = tg_dir / f"{names[i]}.tif"
-            _write_tif(path, _to_uint8(target))
-            files.append(path)
-            if progress is not None and ((i + 1) % every == 0 or i + 1 == n):
-                progress(i + 1, n)
-    return files
-
-
-def _read_tif(path: Path) -> np.ndarray:
-    """One exported image back as float32 ``(C, S, S)`` in [0, 1] (integer files / dtype max)."""
-    import tifffile
-
-    arr = np.asarray(tifffile.imread(path))
-    if arr.dtype.kind in "ui":
-        scale = float(np.iinfo(arr.dtype).max)
-        arr = arr.astype(np.float32) / scale
-    else:
-        arr = arr.astype(np.float32)
-    if arr.ndim == 2:
-        return arr[None]
-    if arr.ndim == 3:
-        if arr.shape[1] == arr.shape[2]:
-            return arr
-        if arr.shape[0] == arr.shape[1]:  # (S, S, C)
-            return np.ascontiguousarray(np.moveaxis(arr, -1, 0))
-    raise ValueError(f"{path}: expected (S, S), (C, S, S) or (S, S, C), got shape {arr.shape}")
-
-
-def read_pairs(out_dir: str | os.PathLike) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
-    """Read :func:`export_pairs`' layout back: inputs per encoder ``(N, C, S, S)``, targets and
-    the file stems, paired by file name (natural order)."""
-    from .folders import match_by_name
-
-    out = Path(out_dir)
-    in_dirs = []
-    k = 1
-    while (out / f"InputImages{k}").is_dir():
-        in_dirs.append(out / f"InputImages{k}")
-        k += 1
-    if not in_dirs:
-        raise FileNotFoundError(f"no InputImages1 folder in {out}")
-    if not (out / "OutputImages").is_dir():
-        raise FileNotFoundError(f"no OutputImages folder in {out}")
-    names, paths = match_by_name([*in_dirs, out / "OutputImages"])
-    arrays = [np.stack([_read_tif(p) for p in col]) for col in paths]
-    return arrays[:-1], arrays[-1], list(names)

@@ -1,0 +1,295 @@
+"""Every choice a user makes, as plain data: the model config and its presets, the KL-weight
+rule, model kinds, training options, precisions, crop settings and the error types.
+
+No torch, no Qt: the napari widget builds its forms from these constants when napari opens,
+and the CLI validates its flags with them before any heavy import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = [
+    "ACTIVE_VARIANCE",
+    "BETAVAE_FACTOR",
+    "MODEL_KINDS",
+    "PRECISIONS",
+    "PRESETS",
+    "NORMALIZATIONS",
+    "CheckpointError",
+    "CropSettings",
+    "InputError",
+    "MEVAEConfig",
+    "TrainOptions",
+    "TrainingDiverged",
+    "kl_weight",
+    "model_kind",
+    "preset",
+    "size_scaled_beta",
+]
+
+
+# -- errors ------------------------------------------------------------------------------------
+class InputError(ValueError):
+    """Bad user input, explained in one line; the CLI prints it and exits with status 2."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, unsafe or does not fit the data/model."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the model holds the last good weights."""
+
+
+# -- the model -------------------------------------------------------------------------------
+# A latent dimension is active when its posterior mean varies across cells by more than this
+# (Burda et al. 2016, "active units"): below it the posterior sits on the prior, the decoder
+# ignores the dimension, and what is left in its mean is residue, not a feature.
+ACTIVE_VARIANCE = 0.01
+
+
+@dataclass
+class MEVAEConfig:
+    """Architecture and loss of an ME-VAE; everything needed to rebuild the module.
+
+    ``n_encoders`` is K.  ``beta`` weights the KL term (see :func:`kl_weight`).
+    ``recon_loss`` is ``"bce"`` (binary cross-entropy, as the reference) or ``"mse"``; either is
+    averaged over pixels and scaled by ``image_size**2`` as in the reference.
+    """
+
+    image_size: int = 128
+    channels: int = 1
+    latent_dim: int = 128
+    inter_dim: int = 128
+    nlayers: int = 3
+    nfilters: int = 16
+    kernel_size: int = 3
+    n_encoders: int = 2
+    beta: float = 1.0
+    recon_loss: Literal["bce", "mse"] = "bce"
+    epsilon_std: float = 1.0
+    nuisances: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a ValueError that names the bad field, before any tensor is built."""
+        for name in ("image_size", "channels", "latent_dim", "inter_dim", "nlayers", "nfilters"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.n_encoders, int) or self.n_encoders < 1:
+            raise ValueError(f"n_encoders (K) must be an integer >= 1, got {self.n_encoders!r}")
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd integer, got {self.kernel_size}")
+        step = 2**self.nlayers
+        if self.image_size % step:
+            raise ValueError(
+                f"image_size {self.image_size} must be a multiple of 2**nlayers = {step} "
+                f"(nlayers={self.nlayers}); try {max(step, round(self.image_size / step) * step)}"
+            )
+        if self.beta < 0 or not math.isfinite(self.beta):
+            raise ValueError(f"beta must be a finite number >= 0, got {self.beta}")
+        if self.recon_loss not in ("bce", "mse"):
+            raise ValueError(f"recon_loss must be 'bce' or 'mse', got {self.recon_loss!r}")
+        if self.epsilon_std < 0:
+            raise ValueError(f"epsilon_std must be >= 0, got {self.epsilon_std}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MEVAEConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ME-VAE config field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> MEVAEConfig:
+        return cls.from_dict(json.loads(text))
+
+    def diff(self, other: MEVAEConfig) -> dict[str, tuple[Any, Any]]:
+        """Fields whose values differ, as ``{name: (self, other)}``: for clear mismatch errors."""
+        a, b = self.to_dict(), other.to_dict()
+        return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+    @property
+    def bottleneck_size(self) -> int:
+        return self.image_size // 2**self.nlayers
+
+
+#: the model kinds a user picks (as shown) -> preset name
+MODEL_KINDS = {"ME-VAE": "mevae", "VAE": "vae", "beta-VAE": "betavae"}
+
+#: the beta-VAE's KL weight relative to the VAE's, the paper's baseline
+BETAVAE_FACTOR = 4.0
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The published reference: two encoders, 3 stride-2 convs of 16/32/64 filters, inter_dim 128.
+    "reference": dict(
+        image_size=128,
+        channels=1,
+        latent_dim=32,
+        inter_dim=128,
+        nlayers=3,
+        nfilters=16,
+        kernel_size=3,
+        n_encoders=2,
+        beta=1.0,
+        recon_loss="bce",
+    ),
+    # Baselines of the paper, same architecture.
+    "vae": dict(n_encoders=1, beta=1.0),
+    "betavae": dict(n_encoders=1, beta=BETAVAE_FACTOR),
+    "mevae": dict(n_encoders=2, beta=1.0),
+    # Small and fast: tiny crops for tests and quick looks.
+    "tiny": dict(image_size=32, latent_dim=8, inter_dim=32, nlayers=3, nfilters=8),
+}
+
+
+def size_scaled_beta(beta: float, image_size: int) -> float:
+    """``beta * (image_size / 128) ** 2``: the KL weight that keeps the reference's balance
+    between reconstruction and KL at another crop size.  The loss scales the reconstruction by
+    ``image_size**2`` and the reference trains at 128 px, so at 32 px an unscaled KL weighs 16x
+    more and a short run ends with no latent dimension in use."""
+    return float(beta) * (image_size / 128) ** 2
+
+
+def kl_weight(
+    model: str, image_size: int, beta: float | None = None, factor: float | None = None
+) -> float:
+    """THE rule for the KL weight, the same in the CLI, the widget, the demo and the API.
+
+    ``beta`` given: exactly that weight (``--beta``).  Otherwise the reference's balance at
+    this crop size: 1 for an ME-VAE or VAE, ``factor`` (default :data:`BETAVAE_FACTOR`) for a
+    beta-VAE, times ``(image_size / 128) ** 2`` (:func:`size_scaled_beta`)."""
+    if model not in PRESETS:
+        raise ValueError(f"unknown model {model!r}; choose from {', '.join(MODEL_KINDS.values())}")
+    if beta is not None:
+        return float(beta)
+    base = (BETAVAE_FACTOR if factor is None else float(factor)) if model == "betavae" else 1.0
+    return size_scaled_beta(base, image_size)
+
+
+def model_kind(config: MEVAEConfig) -> str:
+    """ "ME-VAE", "VAE" or "beta-VAE": a one-encoder model is a plain VAE when its KL weight is
+    1, as the reference sets it, or 1 scaled to its crop size (:func:`size_scaled_beta`)."""
+    if config.n_encoders > 1:
+        return "ME-VAE"
+    plain = math.isclose(config.beta, 1.0) or math.isclose(
+        config.beta, size_scaled_beta(1.0, config.image_size)
+    )
+    return "VAE" if plain else "beta-VAE"
+
+
+def preset(name: str, **overrides: Any) -> MEVAEConfig:
+    """A config from a named preset; ``overrides`` win.  Presets other than ``reference``
+    start from the reference architecture."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    values = dict(PRESETS["reference"])
+    values.update(PRESETS[name])
+    values.update(overrides)
+    return MEVAEConfig(**values)
+
+
+# -- training --------------------------------------------------------------------------------
+#: "auto" = bfloat16 autocast where the hardware runs bf16 natively (CPUs with avx512_bf16 /
+#: AMX, GPUs from Ampere on), float16 autocast with loss scaling on older CUDA GPUs (T4,
+#: V100), float32 elsewhere; "bf16" asks for bf16 wherever supported, even emulated; "fp16"
+#: for float16 with loss scaling; "float32" never uses either.  Weights, optimizer and loss
+#: always stay float32.
+PRECISIONS = ("auto", "float32", "bf16", "fp16")
+
+
+@dataclass
+class TrainOptions:
+    """How to train; defaults follow the reference (RMSprop, lr 5e-4, batch 50, patience 8)."""
+
+    epochs: int = 10
+    batch_size: int = 50
+    learn_rate: float = 5e-4
+    seed: int | None = None
+    device: str = "auto"
+    earlystop: bool = True
+    patience: int = 8
+    min_delta: float = 0.0
+    save_dir: str | os.PathLike | None = None
+    num_workers: int = 0
+    shuffle: bool = True
+    channels_last: bool = True
+    distributed: bool = False
+    # torch.compile the model (inductor); pays only for long runs (compiling takes ~1 min)
+    compile: bool = False
+    precision: str = "auto"  # one of PRECISIONS
+    # keep large freed blocks in glibc's heap while training (speedups.tune_malloc): a
+    # process-wide setting, so only where the process is ours (CLI, the widget's training
+    # process), never inside napari's
+    tune_malloc: bool = True
+    # ramp the KL weight linearly from 0 to beta over this many epochs (0 = off, as the
+    # reference), so the encoders learn to carry the cell before the KL prior squeezes them;
+    # early stopping only counts epochs after the ramp
+    kl_warmup: float = 0.0
+    # intra-op threads for torch (None = torch's default, one per core)
+    threads: int | None = None
+
+    def validate(self) -> None:
+        if self.epochs < 0:
+            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not (self.learn_rate > 0 and math.isfinite(self.learn_rate)):
+            raise ValueError(f"learn_rate must be a positive number, got {self.learn_rate}")
+        if self.patience < 1:
+            raise ValueError(f"patience must be >= 1, got {self.patience}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
+        if not (self.kl_warmup >= 0 and math.isfinite(self.kl_warmup)):
+            raise ValueError(f"kl_warmup must be a number of epochs >= 0, got {self.kl_warmup}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+
+
+# -- cropping cells --------------------------------------------------------------------------
+NORMALIZATIONS = ("percentile", "max", "range", "none")
+
+
+@dataclass
+class CropSettings:
+    """How cells are cropped (:func:`napari_mevae.cells.extract_cells`); kept with the crops
+    and in checkpoints, so the inputs of a model can be made again."""
+
+    size: int = 48
+    channel_axis: int | None = None
+    stack: bool = False
+    normalize: str | None = "percentile"
+    scale: str = "fixed"
+    min_area: int = 0
+    max_area: int | None = None
+    border: str = "drop"
+    align: bool = True
+    mask: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def extract_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``extract_cells``."""
+        kw = self.to_dict()
+        if kw["normalize"] == "none":
+            kw["normalize"] = None
+        return kw

@@ -1,0 +1,357 @@
+"""How invariant a model is: probes of the rotation and polarity left in the features, how much
+of the cell they keep, and agreement with known classes (``mevae evaluate``, the demo's
+report.json, the benchmarks).  Every key of :func:`invariance_report` is explained there.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .analysis import cluster, encode, reconstruct
+
+if TYPE_CHECKING:
+    from .model import MEVAE
+
+__all__ = [
+    "angle_leakage",
+    "cell_descriptors",
+    "cluster_agreement",
+    "content_kept",
+    "discrete_leakage",
+    "encoder_nuisances",
+    "invariance_report",
+    "neighbour_content_kept",
+    "paired_inputs",
+    "pixel_correlation",
+    "principal_subspace",
+]
+
+
+def angle_leakage(
+    latents: np.ndarray,
+    angles_deg: np.ndarray,
+    folds: int = 5,
+    seed: int = 0,
+    harmonic: int = 1,
+) -> float:
+    """Cross-validated R^2 of predicting (cos, sin) of the angle from the latents, clipped to
+    0..1: 0 means no rotation information left in the features.  ``harmonic=2`` probes
+    (cos 2a, sin 2a) instead: the orientation of an axis, defined modulo 180 degrees, which a
+    probe of the angle itself can miss."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import KFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rad = np.deg2rad(np.asarray(angles_deg, dtype=float)) * harmonic
+    y = np.stack([np.cos(rad), np.sin(rad)], axis=1)
+    model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13)))
+    cv = KFold(n_splits=folds, shuffle=True, random_state=seed)
+    pred = cross_val_predict(model, latents, y, cv=cv)
+    ss_res = ((y - pred) ** 2).sum(0)
+    ss_tot = ((y - y.mean(0)) ** 2).sum(0)
+    r2 = 1 - ss_res / np.maximum(ss_tot, 1e-12)
+    return float(np.clip(r2.mean(), 0.0, 1.0))
+
+
+def discrete_leakage(
+    latents: np.ndarray, classes: np.ndarray, folds: int = 5, seed: int = 0
+) -> float:
+    """Cross-validated balanced accuracy above chance of predicting a discrete nuisance (e.g. the
+    flip), rescaled so 0 = chance and 1 = perfect."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    classes = np.asarray(classes)
+    uniq = np.unique(classes)
+    if len(uniq) < 2:
+        return 0.0
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    n_splits = min(folds, np.bincount(np.searchsorted(uniq, classes)).min())
+    if n_splits < 2:
+        return 0.0
+    cv = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    pred = cross_val_predict(model, latents, classes, cv=cv)
+    bacc = balanced_accuracy_score(classes, pred)
+    chance = 1.0 / len(uniq)
+    return float(np.clip((bacc - chance) / (1 - chance), 0.0, 1.0))
+
+
+def cluster_agreement(latents: np.ndarray, truth: np.ndarray, seed: int = 0) -> dict[str, float]:
+    """NMI and purity of k-means (k = number of true classes) against ground-truth classes."""
+    from sklearn.metrics import normalized_mutual_info_score
+
+    truth = np.asarray(truth)
+    k = len(np.unique(truth))
+    pred = cluster(latents, "kmeans", n_clusters=k, seed=seed)
+    nmi = normalized_mutual_info_score(truth, pred)
+    purity = 0
+    for c in np.unique(pred):
+        purity += np.bincount(np.searchsorted(np.unique(truth), truth[pred == c])).max()
+    return {"nmi": float(nmi), "purity": float(purity / len(truth))}
+
+
+def pixel_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over cells of the Pearson correlation of their pixels (constant cells count 0)."""
+    a = np.asarray(a, np.float64).reshape(len(a), -1)
+    b = np.asarray(b, np.float64).reshape(len(b), -1)
+    a = a - a.mean(1, keepdims=True)
+    b = b - b.mean(1, keepdims=True)
+    denom = np.sqrt((a * a).sum(1) * (b * b).sum(1))
+    corr = np.where(denom > 0, (a * b).sum(1) / np.where(denom > 0, denom, 1), 0.0)
+    return float(corr.mean()) if len(corr) else 0.0
+
+
+def cell_descriptors(crops: np.ndarray) -> np.ndarray:
+    """Rotation- and flip-invariant descriptors of each cell ``(N, 5*C)``: per channel the mean
+    intensity, the area above 10 % of the maximum, the intensity-weighted radius of gyration, the
+    elongation (ratio of the inertia eigenvalues) and the intensity spread.  What a feature
+    extractor should keep whatever the pose."""
+    crops = np.asarray(crops, dtype=np.float64)
+    n, c, s, _ = crops.shape
+    yy, xx = np.mgrid[:s, :s].astype(np.float64)
+    out = []
+    for ch in range(c):
+        img = crops[:, ch]
+        mass = img.sum((1, 2)) + 1e-9
+        cy = (img * yy).sum((1, 2)) / mass
+        cx = (img * xx).sum((1, 2)) / mass
+        dy = yy[None] - cy[:, None, None]
+        dx = xx[None] - cx[:, None, None]
+        myy = (img * dy**2).sum((1, 2)) / mass
+        mxx = (img * dx**2).sum((1, 2)) / mass
+        mxy = (img * dx * dy).sum((1, 2)) / mass
+        root = np.sqrt(((myy - mxx) / 2) ** 2 + mxy**2)
+        big, small = (myy + mxx) / 2 + root, (myy + mxx) / 2 - root
+        peak = img.reshape(n, -1).max(1, keepdims=True) + 1e-9
+        area = (img.reshape(n, -1) > 0.1 * peak).mean(1)
+        out += [
+            img.mean((1, 2)),
+            area,
+            np.sqrt(myy + mxx),
+            np.sqrt(small / (big + 1e-9)),
+            img.std((1, 2)),
+        ]
+    return np.stack(out, axis=1)
+
+
+def _descriptor_r2s(
+    estimator: Any, latents: np.ndarray, crops: np.ndarray, folds: int, seed: int
+) -> np.ndarray:
+    """Cross-validated R^2 of ``estimator`` predicting each standardised
+    :func:`cell_descriptors` of ``crops`` from ``latents``: one (unclipped) value per
+    descriptor."""
+    from sklearn.model_selection import KFold, cross_val_predict
+
+    y = cell_descriptors(crops)
+    y = (y - y.mean(0)) / (y.std(0) + 1e-12)
+    cv = KFold(n_splits=folds, shuffle=True, random_state=seed)
+    pred = cross_val_predict(estimator, latents, y, cv=cv)
+    return 1 - ((y - pred) ** 2).sum(0) / np.maximum((y**2).sum(0), 1e-12)
+
+
+def _descriptors_r2(
+    estimator: Any, latents: np.ndarray, crops: np.ndarray, folds: int, seed: int
+) -> float:
+    """Mean of :func:`_descriptor_r2s`, clipped to 0..1."""
+    r2 = _descriptor_r2s(estimator, latents, crops, folds, seed)
+    return float(np.clip(r2.mean(), 0.0, 1.0))
+
+
+def _linear_probe() -> Any:
+    """:func:`content_kept`'s probe: ridge regression on standardised features."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13)))
+
+
+def content_kept(latents: np.ndarray, crops: np.ndarray, folds: int = 5, seed: int = 0) -> float:
+    """Cross-validated R^2 (0..1) of predicting :func:`cell_descriptors` of the canonical cells
+    from the latents: how much of the cell the features keep, for any model."""
+    return _descriptors_r2(_linear_probe(), latents, crops, folds, seed)
+
+
+def neighbour_content_kept(
+    latents: np.ndarray, crops: np.ndarray, k: int = 10, folds: int = 5, seed: int = 0
+) -> float:
+    """Cross-validated R^2 (0..1) of predicting :func:`cell_descriptors` of each cell from its
+    ``k`` nearest cells in feature space (Euclidean distance on the features as given, no
+    rescaling): whether cells the features put close together are alike.
+
+    UMAP, k-means and distances see this geometry.  :func:`content_kept` asks whether the
+    descriptors can be read from the latents at all, after standardising every dimension, so
+    it also credits information held in dimensions that carry little of the variance, where
+    the nuisance dominates the distances."""
+    from sklearn.neighbors import KNeighborsRegressor
+
+    latents = np.asarray(latents, dtype=np.float64)
+    if len(latents) < 2 * folds:
+        raise ValueError(f"need at least {2 * folds} cells for {folds}-fold CV, got {len(latents)}")
+    n_train = len(latents) - -(-len(latents) // folds)  # the smallest training fold
+    model = KNeighborsRegressor(n_neighbors=max(1, min(k, n_train)))
+    return _descriptors_r2(model, latents, crops, folds, seed)
+
+
+def principal_subspace(latents: np.ndarray, keep: float = 0.99) -> np.ndarray:
+    """The latents projected on the principal components that hold ``keep`` of their variance:
+    what variance-weighted analyses (UMAP, k-means, distances on raw latents) actually see."""
+    zc = np.asarray(latents, np.float64) - np.mean(latents, axis=0)
+    _, s, vt = np.linalg.svd(zc, full_matrices=False)
+    frac = np.cumsum(s**2) / max(float((s**2).sum()), 1e-30)
+    k = min(int(np.searchsorted(frac, keep) + 1), len(s))
+    return zc @ vt[:k].T
+
+
+ROTATION_LIKE = ("rotation", "pose")
+
+
+def encoder_nuisances(model: MEVAE) -> list[str] | None:
+    """The nuisance each encoder was trained to remove: from the config (``--targets``
+    training), else the reference's convention for two encoders (InputImages1 = rotation,
+    InputImages2 = polarity); ``None`` when unknown."""
+    cfg = model.config
+    if cfg.nuisances and len(cfg.nuisances) == cfg.n_encoders:
+        return list(cfg.nuisances)
+    if cfg.n_encoders == 2:
+        return ["rotation", "polarity"]
+    return None
+
+
+def paired_inputs(
+    crops: np.ndarray, nuisances: list[str], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Encoder inputs ``(N, K, C, S, S)`` as in training: encoder k sees the cell under its own
+    nuisance, freshly drawn.  Rotation-like encoders share one uniform angle per cell, polarity
+    encoders one flip; returns the inputs, the angles and the flips (``None`` if no encoder
+    has that nuisance)."""
+    from .nuisances import draw_and_apply
+
+    crops = np.asarray(crops, dtype=np.float32)
+    rotated, angles = draw_and_apply(crops, "rotation", rng)
+    flipped, flips = draw_and_apply(crops, "polarity", rng)
+    views = []
+    for name in nuisances:
+        if name in ROTATION_LIKE:
+            views.append(rotated)
+        elif name == "polarity":
+            views.append(flipped)
+        else:
+            views.append(draw_and_apply(crops, name, rng)[0])
+    has_rot = any(n in ROTATION_LIKE for n in nuisances)
+    return (
+        np.stack(views, axis=1),
+        angles if has_rot else None,
+        flips if "polarity" in nuisances else None,
+    )
+
+
+def invariance_report(
+    model: MEVAE,
+    crops: np.ndarray,
+    classes: np.ndarray | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> dict[str, float]:
+    """How much rotation and polarity the latents still hold, for canonical ``crops``.
+
+    One nuisance at a time, so each score has the full 0..1 range (under a uniform rotation a
+    180-degree flip would be just another rotation): each cell gets a freshly drawn uniform random
+    angle, then, separately, a random flip (identity, left-right, up-down, 180 degrees); every
+    encoder sees the transformed cell, as at analysis time.  Returns
+
+    - ``rotation_leakage``: cross-validated R^2 of (cos, sin) of the angle from the latents;
+    - ``polarity_leakage``: cross-validated balanced accuracy of the flip above chance;
+    - the same two on the principal subspace holding 99 % of the latent variance
+      (``*_pc99``, ``pc99_dims`` components): the probes above standardise every dimension, so
+      they also read nuisance left in dimensions the model has all but switched off, which
+      UMAP, clustering and distances never see; ``active_dims`` counts dimensions with std > 0.1;
+    - ``content_kept``: R^2 of invariant cell descriptors from the latents of the rotated cells;
+      ``neighbour_content_kept`` the same read from each cell's nearest cells in feature space
+      (:func:`neighbour_content_kept`: what UMAP, clustering and distances see);
+    - ``reconstruction_corr``: pixel correlation of the model's output (from the rotated and
+      flipped cell) with the canonical cell (1 for a model that fully corrects the pose);
+    - ``rotation_leakage_2x``: the rotation probe on (cos 2a, sin 2a) (axis orientation);
+    - ``paired_rotation_leakage`` / ``paired_polarity_leakage``: the paper's protocol for
+      multi-encoder models: each encoder sees the cell under its OWN nuisance, as in training
+      (:func:`paired_inputs`), and both probes read the one fused latent; for a one-encoder
+      model (nothing to pair) they equal the two scores above; ``paired_content_kept`` the
+      same for ``content_kept`` (and ``paired_neighbour_content_kept`` for
+      ``neighbour_content_kept``) and ``paired_rotation_leakage_2x`` for ``rotation_leakage_2x``;
+    - ``model_active_dims``: dimensions the model uses (:attr:`MEVAE.active_mask`, measured
+      over the training cells; the others are 0 in every encoding, as in the features a user
+      exports); ``paired_rotation_leakage_all_dims`` / ``paired_polarity_leakage_all_dims``:
+      the paired probes on the raw product of the means, unused dimensions included, for
+      comparison;
+    - ``nmi`` / ``purity`` of k-means against ``classes`` when given.
+    """
+    from .nuisances import draw_and_apply
+
+    crops = np.asarray(crops, dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    rotated, angles = draw_and_apply(crops, "rotation", rng)
+    flipped, flips = draw_and_apply(crops, "polarity", rng)
+    both, _ = draw_and_apply(rotated, "polarity", rng)
+    mask = model.active_mask.cpu().numpy()
+
+    def raw_and_features(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # one encoding gives both the raw product and the features (unused dimensions 0)
+        raw = encode(model, x, batch_size=batch_size, inactive_to_zero=False)
+        return raw, np.where(mask, raw, np.float32(0))
+
+    raw_rot, z_rot = raw_and_features(rotated)
+    raw_flip, z_flip = raw_and_features(flipped)
+    pc_rot, pc_flip = principal_subspace(z_rot), principal_subspace(z_flip)
+    report = {
+        "rotation_leakage": angle_leakage(z_rot, angles, seed=seed),
+        "polarity_leakage": discrete_leakage(z_flip, flips, seed=seed),
+        "rotation_leakage_pc99": angle_leakage(pc_rot, angles, seed=seed),
+        "polarity_leakage_pc99": discrete_leakage(pc_flip, flips, seed=seed),
+        "pc99_dims": float(pc_rot.shape[1]),
+        "active_dims": float((z_rot.std(0) > 0.1).sum()),
+        "content_kept": content_kept(z_rot, crops, seed=seed),
+        "neighbour_content_kept": neighbour_content_kept(z_rot, crops, seed=seed),
+        "reconstruction_corr": pixel_correlation(reconstruct(model, both, batch_size), crops),
+        "n_cells": float(len(crops)),
+        "rotation_leakage_2x": angle_leakage(z_rot, angles, seed=seed, harmonic=2),
+    }
+    nuisances = encoder_nuisances(model)
+    report["model_active_dims"] = float(model.n_active)
+    if model.config.n_encoders == 1:
+        report["paired_rotation_leakage"] = report["rotation_leakage"]
+        report["paired_polarity_leakage"] = report["polarity_leakage"]
+        report["paired_content_kept"] = report["content_kept"]
+        report["paired_neighbour_content_kept"] = report["neighbour_content_kept"]
+        report["paired_rotation_leakage_2x"] = report["rotation_leakage_2x"]
+        raw = {"rotation": (raw_rot, angles), "polarity": (raw_flip, flips)}
+    elif nuisances is not None:
+        inputs, p_angles, p_flips = paired_inputs(crops, nuisances, rng)
+        raw_pair, z_pair = raw_and_features(inputs)
+        if p_angles is not None:
+            report["paired_rotation_leakage"] = angle_leakage(z_pair, p_angles, seed=seed)
+            report["paired_rotation_leakage_2x"] = angle_leakage(
+                z_pair, p_angles, seed=seed, harmonic=2
+            )
+        if p_flips is not None:
+            report["paired_polarity_leakage"] = discrete_leakage(z_pair, p_flips, seed=seed)
+        report["paired_content_kept"] = content_kept(z_pair, crops, seed=seed)
+        report["paired_neighbour_content_kept"] = neighbour_content_kept(z_pair, crops, seed=seed)
+        raw = {"rotation": (raw_pair, p_angles), "polarity": (raw_pair, p_flips)}
+    else:
+        raw = {}
+    for name, (z_all, truth) in raw.items():
+        if truth is None:
+            continue
+        probe = angle_leakage if name == "rotation" else discrete_leakage
+        report[f"paired_{name}_leakage_all_dims"] = probe(z_all, truth, seed=seed)
+    if classes is not None:
+        report.update(
+            cluster_agreement(encode(model, both, batch_size=batch_size), classes, seed=seed)
+        )
+    return report

@@ -1,0 +1,450 @@
+"""The one pipeline every front end calls: ``mevae`` (cli.py), ``mevae demo`` (demo.py) and the
+napari widget (``_widgets``).  A fix made here reaches all three.
+
+segmented image --crop_cells--> canonical crops --training_dataset--> (inputs, target) pairs
+--run_training--> model (+ training.log, checkpoint) --encode_cells--> features
+--cluster_cells--> UMAP + clusters --analysis.features_table--> one row per cell.
+
+The configuration rules live in :mod:`napari_mevae.config` (no torch); this module imports
+torch only inside the functions that need it, so importing it stays cheap.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .config import (
+    CropSettings,
+    InputError,
+    MEVAEConfig,
+    TrainOptions,
+    kl_weight,
+    preset,
+)
+
+if TYPE_CHECKING:
+    from .cells import CellCrops
+    from .model import MEVAE
+    from .training import Trainer, TrainReport
+
+__all__ = [
+    "Encoded",
+    "TrainData",
+    "build_config",
+    "cluster_cells",
+    "crop_cells",
+    "encode_cells",
+    "load_train_data",
+    "open_targets",
+    "preview_pairs",
+    "run_training",
+    "steps_per_epoch",
+    "train_on_crops",
+    "training_dataset",
+    "write_encodings_csv",
+    "write_run_outputs",
+]
+
+
+# -- configuration -----------------------------------------------------------------------------
+def build_config(
+    model: str = "mevae",
+    *,
+    image_size: int,
+    channels: int,
+    nuisances: Sequence[str] = (),
+    n_encoders: int | None = None,
+    beta: float | None = None,
+    beta_factor: float | None = None,
+    **arch: Any,
+) -> MEVAEConfig:
+    """The model config from a user's choices, by the same rules everywhere.
+
+    ``model``: ``mevae``, ``vae`` or ``betavae``.  An ME-VAE has one encoder per nuisance
+    (or ``n_encoders``, e.g. one per input folder); the baselines have one.  The KL weight is
+    :func:`napari_mevae.config.kl_weight`: ``beta`` exactly when given, otherwise the
+    reference's balance at this crop size (``beta_factor`` is the beta-VAE's weight relative to
+    the VAE's).  ``arch``: any other :class:`MEVAEConfig` field (latent_dim, inter_dim...)."""
+    if model == "mevae":
+        k = len(nuisances) if n_encoders is None else n_encoders
+        if k < 1:
+            raise InputError(
+                "an ME-VAE needs at least one nuisance to remove (rotation, polarity, scale), "
+                "one encoder each; or choose the VAE model"
+            )
+    else:
+        k = 1
+    return preset(
+        model,
+        image_size=image_size,
+        channels=channels,
+        n_encoders=k,
+        nuisances=list(nuisances),
+        beta=kl_weight(model, image_size, beta, beta_factor),
+        **arch,
+    )
+
+
+def steps_per_epoch(n_cells: int, batch_size: int) -> int:
+    return max(1, math.ceil(n_cells / max(1, batch_size)))
+
+
+# -- data --------------------------------------------------------------------------------------
+def crop_cells(
+    image: Any,
+    labels: Any,
+    settings: CropSettings,
+    progress: Callable[[int, int], None] | None = None,
+) -> CellCrops:
+    """Crop every labelled cell into canonical pose (:func:`napari_mevae.cells.extract_cells`)."""
+    from .cells import extract_cells
+
+    return extract_cells(
+        np.asarray(image), np.asarray(labels), progress=progress, **settings.extract_kwargs()
+    )
+
+
+def training_dataset(
+    crops: Any, nuisances: Sequence[str], model: str = "mevae", seed: int = 0
+) -> Any:
+    """What a model trains on, from canonical crops: for an ME-VAE, encoder k sees the cell with
+    nuisance k freshly drawn every epoch and the target is the canonical cell; a baseline
+    (VAE / beta-VAE) autoencodes the cell with every nuisance applied."""
+    from . import nuisances as nz
+
+    if model != "mevae":
+        if nuisances:
+            return nz.NuisanceAutoencode(crops, list(nuisances), seed=seed)
+        import torch
+        from torch.utils.data import TensorDataset
+
+        t = torch.from_numpy(np.ascontiguousarray(crops, dtype=np.float32))
+        return TensorDataset(t[:, None], t)
+    if not nuisances:
+        raise InputError(
+            "an ME-VAE needs at least one nuisance to remove (rotation, polarity, scale), "
+            "one encoder each; or choose the VAE model"
+        )
+    return nz.NuisancePairs(crops, list(nuisances), seed=seed)
+
+
+def preview_pairs(
+    crops: np.ndarray, nuisances: Sequence[str], n: int = 6, seed: int = 0
+) -> tuple[np.ndarray, int]:
+    """A few training examples, one row each: the K encoder inputs, then the target.
+
+    Returns ``(images (n*(K+1), C, S, S), K)``."""
+    model = "mevae" if nuisances else "vae"
+    ds = training_dataset(np.asarray(crops[:n]), nuisances, model, seed=seed)
+    if hasattr(ds, "set_epoch"):
+        ds.set_epoch(0)
+    rows, k = [], 1
+    for i in range(min(n, len(ds))):
+        inputs, target = (np.asarray(t, dtype=np.float32) for t in ds[i][:2])
+        if inputs.ndim == 3:
+            inputs = inputs[None]
+        k = inputs.shape[0]
+        rows.extend([*inputs, target])
+    return np.stack(rows), k
+
+
+@dataclass
+class TrainData:
+    """What a run on files reads: a dataset for the trainer, arrays for encoding and grids."""
+
+    dataset: Any
+    filenames: list[str]  # rows of filenames.csv / encodings.csv
+    encode_inputs: Any  # (N, K, C, S, S) or (N, C, S, S)
+    grid_inputs: list[np.ndarray]
+    targets: np.ndarray
+    n_encoders: int
+    nuisances: list[str]
+
+
+def open_targets(
+    source: str | Path, image_size: int, channels: int, lazy: bool = False
+) -> tuple[Any, list[str], list[str]]:
+    """Canonical crops from a folder of images or a ``.npy`` crops file (read lazily).
+
+    Returns the crops (an array, or a lazy store with the same indexing), the file names for
+    encodings.csv and the image stems."""
+    from .folders import FolderTargets, LazyFolderTargets
+    from .store import CropStore
+
+    path = Path(source)
+    if path.suffix == ".npy":
+        store = CropStore(path)
+        if store.shape[1:] != (channels, image_size, image_size):
+            raise InputError(
+                f"{path} holds crops of shape {store.shape[1:]} (C, S, S); the model wants "
+                f"({channels}, {image_size}, {image_size}): set --nchannel/--image_size"
+            )
+        names = [f"{path.stem}[{i}]" for i in range(len(store))]
+        return store, names, names
+    if lazy:
+        tg = LazyFolderTargets(path, image_size, channels)
+        return tg, tg.filenames, tg.names
+    tg = FolderTargets(path, image_size, channels)
+    return tg.array, tg.filenames, tg.names
+
+
+def load_train_data(
+    *,
+    model: str,
+    image_size: int,
+    channels: int,
+    targets: str | Path | None = None,
+    nuisances: Sequence[str] = (),
+    input_dirs: Sequence[str | Path] = (),
+    target_dir: str | Path | None = None,
+    lazy: bool = False,
+    seed: int = 0,
+) -> TrainData:
+    """Canonical ``targets`` (fresh nuisances every epoch), or the reference's pair folders
+    (``input_dirs``, one per encoder, and ``target_dir``)."""
+    from .folders import FolderPairs
+
+    baseline = model != "mevae"
+    if targets:
+        if input_dirs or target_dir:
+            raise InputError("use either --targets or --data_dir/--out1_dir, not both")
+        crops, filenames, _ = open_targets(targets, image_size, channels, lazy)
+        ds = training_dataset(crops, nuisances, model, seed=seed)
+        k = 1 if baseline else len(nuisances)
+        first = range(min(64, len(ds)))
+        grid = [np.stack([ds[i][0][j].numpy() for i in first]) for j in range(k)]
+        shown = np.stack([np.asarray(crops[i]) for i in first])
+        return TrainData(ds, filenames, crops, grid, shown, k, list(nuisances))
+    if not input_dirs:
+        raise InputError(
+            "no training data: give --data_dir (+ --input2_dir, --out1_dir) or --targets"
+        )
+    if baseline:
+        # The paper's baselines: a plain (beta-)VAE autoencodes the raw cells of the first folder.
+        ds = FolderPairs([input_dirs[0]], input_dirs[0], image_size, channels, not lazy)
+    else:
+        if not target_dir:
+            raise InputError("--out1_dir (the corrected target cells) is needed to train an ME-VAE")
+        ds = FolderPairs(list(input_dirs), target_dir, image_size, channels, not lazy)
+    k = ds.n_encoders
+    grid = [ds.inputs_array(j)[:64] for j in range(k)]
+    return TrainData(ds, ds.filenames, ds.pairs_array(), grid, ds.targets_array(), k, [])
+
+
+# -- training ----------------------------------------------------------------------------------
+def run_training(
+    trainer: Trainer,
+    log_path: str | Path | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    preview: np.ndarray | None = None,
+) -> Generator[TrainReport, None, MEVAE]:
+    """Run ``trainer``, yielding its reports and writing ``training.log`` (``epoch<TAB>loss``,
+    appended to when the run resumes a checkpoint).
+
+    The first report has kind ``start`` (its ``message`` says where and in what precision the
+    run trains).  ``should_stop`` is polled after every step: True ends the run after that step,
+    keeping the model.  With ``preview`` cells, each epoch report carries their reconstructions
+    (``report.preview``).  Returns the trained model."""
+    from .analysis import reconstruct
+    from .training import TrainReport
+
+    logfh = None
+    if log_path is not None:
+        log_path = Path(log_path)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        append = trainer.start_epoch > 0 and log_path.exists()
+        logfh = open(log_path, "a" if append else "w")  # noqa: SIM115 (closed in finally)
+        if not append:
+            logfh.write("epoch\tloss\n")
+            logfh.flush()
+    steps = steps_per_epoch(len(trainer.sampler), trainer.options.batch_size // trainer.world)
+    total = trainer.start_epoch + trainer.options.epochs
+    yield TrainReport(
+        "start",
+        trainer.start_epoch,
+        0,
+        steps,
+        math.nan,
+        math.nan,
+        math.nan,
+        0.0,
+        total,
+        message=f"{trainer.device.type}, {trainer.precision}",
+    )
+    gen = trainer.run()
+    try:
+        while True:
+            try:
+                report = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            if report.kind == "epoch":
+                if logfh is not None:
+                    logfh.write(f"{report.epoch - 1}\t{report.loss:.6f}\n")
+                    logfh.flush()
+                if preview is not None and len(preview):
+                    report.preview = reconstruct(trainer.model_unwrapped, preview)
+                    trainer.model.train()
+            yield report
+            if should_stop is not None and should_stop():
+                trainer.stop()
+    finally:
+        gen.close()  # an interrupted run saves the checkpoint of what was learned
+        if logfh is not None:
+            logfh.close()
+
+
+def train_on_crops(
+    crops: np.ndarray,
+    config: MEVAEConfig,
+    options: TrainOptions,
+    model: str = "mevae",
+    *,
+    resume: str | Path | None = None,
+    preview: np.ndarray | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Generator[TrainReport, None, str]:
+    """Train a ``model`` (``mevae``, ``vae``, ``betavae``: which data set it learns from) on
+    canonical crops with fresh nuisances (``config.nuisances``), or continue the checkpoint
+    ``resume``; the napari widget runs this in its training process.
+
+    ``options.save_dir`` receives ``training.log`` and ``models/checkpoint.pt`` (every epoch,
+    and when the run stops).  Yields :func:`run_training`'s reports; returns the checkpoint's
+    path."""
+    from .checkpoints import load_checkpoint
+    from .training import Trainer
+
+    if options.save_dir is None:
+        raise ValueError("train_on_crops needs options.save_dir (where the checkpoint goes)")
+    ckpt = load_checkpoint(resume) if resume else None
+    cfg = ckpt.config if ckpt is not None else config
+    dataset = training_dataset(crops, cfg.nuisances, model, seed=options.seed or 0)
+    trainer = Trainer(ckpt.build_model() if ckpt else cfg, dataset, options, resume=ckpt)
+    yield from run_training(trainer, Path(options.save_dir) / "training.log", should_stop, preview)
+    return str(trainer.last_checkpoint)
+
+
+# -- analysis ----------------------------------------------------------------------------------
+@dataclass
+class Encoded:
+    latents: np.ndarray  # (N, L) features, unused dimensions 0
+    recon: np.ndarray  # (N, C, S, S) corrected cells
+
+
+def encode_cells(
+    model: MEVAE, crops: np.ndarray, batch_size: int = 128, reconstructions: bool = True
+) -> Generator[tuple[int, int], None, Encoded]:
+    """Encode every cell, yielding ``(done, total)``; then reconstruct them.  Returns
+    :class:`Encoded`."""
+    from .analysis import iter_encode, reconstruct
+
+    latents = yield from iter_encode(model, crops, batch_size=batch_size)
+    recon = reconstruct(model, crops, batch_size=batch_size) if reconstructions else None
+    return Encoded(latents, recon)
+
+
+def cluster_cells(
+    latents: np.ndarray,
+    method: str = "kmeans",
+    n_clusters: int = 3,
+    embedding: np.ndarray | None = None,
+    with_umap: bool = True,
+    seed: int = 0,
+) -> tuple[np.ndarray | None, np.ndarray]:
+    """UMAP (unless given or not wanted) and cluster ids ``1..k``; returns
+    ``(embedding, clusters)``."""
+    from .analysis import cluster, run_umap
+
+    if with_umap and embedding is None:
+        embedding = run_umap(latents, seed=seed)
+    clusters = cluster(latents, method=method, n_clusters=n_clusters, seed=seed)
+    return embedding, clusters
+
+
+# -- the reference's run outputs --------------------------------------------------------------
+def write_encodings_csv(
+    path: Path,
+    names: Sequence[str],
+    model: MEVAE,
+    inputs: Any,
+    verbose: int = 1,
+    batch_size: int = 256,
+) -> Path:
+    """Encode and stream rows to ``path``: header ``filename,z0,z1,...``, one row per image in
+    ``names`` order.  Only one batch of latents is in memory at a time."""
+    from .analysis import iter_encode_chunks
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(names), desc="encoding", unit="cell", disable=verbose <= 0, leave=False)
+    try:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["filename", *[f"z{i}" for i in range(model.config.latent_dim)]])
+            for start, z in iter_encode_chunks(model, inputs, batch_size):
+                for name, row in zip(names[start : start + len(z)], z, strict=True):
+                    w.writerow([name, *[f"{v:.7g}" for v in row]])
+                bar.update(len(z))
+        os.replace(tmp, path)
+    finally:
+        bar.close()
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_run_outputs(
+    save_dir: Path,
+    model: MEVAE,
+    data: TrainData,
+    num_save: int = 8,
+    latent_samp: int = 10,
+    verbose: int = 1,
+) -> None:
+    """Everything the reference writes after training (training.log is written while
+    training): filenames.csv, encodings.csv, the input / truth / reconstruction grids
+    (``num_save`` images per row), the latent walk (``latent_samp`` steps) and the weights."""
+    from .analysis import latent_walk, reconstruct
+    from .figures import save_grid, save_latent_walk
+
+    save_dir.mkdir(parents=True, exist_ok=True)
+    with open(save_dir / "filenames.csv", "w", newline="") as fh:
+        for f in data.filenames:
+            fh.write(f + "\n")
+    write_encodings_csv(
+        save_dir / "encodings.csv", data.filenames, model, data.encode_inputs, verbose
+    )
+    ncols = max(1, num_save)
+    n = ncols * ncols
+    for k, imgs in enumerate(data.grid_inputs):
+        save_grid(
+            save_dir / ("input_images.png" if k == 0 else f"input{k + 1}_images.png"),
+            imgs,
+            n,
+            ncols,
+        )
+    save_grid(save_dir / "Truth_images.png", data.targets[:n], n, ncols)
+    first = data.encode_inputs[:n]
+    save_grid(save_dir / "recon_images_final1.tif", reconstruct(model, first), n, ncols)
+    save_latent_walk(save_dir / "latent_walk_final.png", latent_walk(model, max(2, latent_samp)))
+    import torch
+
+    from .checkpoints import CHECKPOINT_NAME, save_checkpoint
+
+    models = save_dir / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    if not (models / CHECKPOINT_NAME).exists():  # --phase load: keep the run self-contained
+        save_checkpoint(models, model)
+
+    for k, enc in enumerate(model.encoders):
+        torch.save(enc.state_dict(), models / f"encoder{k + 1}.pt")
+    torch.save(model.decoder.state_dict(), models / "decoder.pt")
