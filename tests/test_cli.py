@@ -349,9 +349,10 @@ def test_pairs_then_train_from_pairs_and_from_targets(segmented, tmp_path):
         files = sorted((out / folder / "train").glob("*.tif"))
         assert len(files) == len(kept)
         assert tifffile.imread(files[0]).shape == (2, 32, 32)
-    from napari_mevae.cells import CellCrops
+    from napari_mevae.store import CropStore
 
-    store, table = CellCrops.open(out / "crops.npy")  # the same canonical crops in one file
+    store = CropStore(out / "crops.npy")  # the same canonical crops in one file
+    table = pd.read_csv(out / "crops.csv")
     assert store.shape == (len(kept), 2, 32, 32) and len(table) == len(cells)
     target0 = tifffile.imread(sorted((out / "OutputImages" / "train").glob("*.tif"))[0]) / 255
     assert np.abs(store[0] - target0).max() < 1 / 255 + 1e-3

@@ -4,11 +4,10 @@ A crop is taken around each labelled cell and, with ``align=True``, put in *cano
 the major axis (image moments, the ``skimage.measure.regionprops`` orientation) is turned
 horizontal, then the crop is mirrored so that the intensity-weighted centre of mass of the cell
 lies right of and below the crop centre.  That is the "corrected" cell every encoder has to
-reconstruct; the nuisances (see :mod:`napari_mevae.transforms`) are re-applied on the fly.
+reconstruct; the nuisances (see :mod:`napari_mevae.nuisances`) are re-applied on the fly.
 
 Speed: the label image is scanned once (``scipy.ndimage.find_objects``); everything else works
 on the cell's bounding box, and the resampling on a small window just big enough for the crop.
-No Qt / napari imports here.
 """
 
 from __future__ import annotations
@@ -24,6 +23,8 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 from scipy import ndimage
+
+from .config import CropSettings
 
 __all__ = ["CellCrops", "extract_cells", "canonical_pose", "TABLE_COLUMNS"]
 
@@ -42,8 +43,7 @@ TABLE_COLUMNS = [
     "skip_reason",
 ]
 
-# find_objects allocates one list slot per label id up to the maximum id; above this we relabel
-# the cells 1..n first so ids such as 2**31 do not cost gigabytes.
+# find_objects allocates a list slot per label id up to the maximum: above this, relabel 1..n.
 _MAX_DIRECT_LABEL = 1 << 20
 # Percentiles are estimated on at most this many pixels per channel (strided sub-sample).
 _PERCENTILE_SAMPLE = 1 << 20
@@ -81,14 +81,6 @@ class CellCrops:
         path = write_crops(Path(path), self.crops, dtype=dtype)
         self.table.to_csv(path.with_suffix(".csv"), index=False)
         return path
-
-    @classmethod
-    def open(cls, path: str | os.PathLike) -> tuple[Any, pd.DataFrame]:
-        """A saved crops file, lazily (``CropStore``), and its table."""
-        from .store import CropStore
-
-        path = Path(path)
-        return CropStore(path), pd.read_csv(path.with_suffix(".csv"), keep_default_na=False)
 
 
 # -- input checking ---------------------------------------------------------------------------
@@ -402,19 +394,9 @@ def extract_cells(
     ``border="drop"`` skips cells touching the image edge, ``"pad"`` pads them with zeros.
     Skipped cells stay in the table with a ``skip_reason``.  NaN/inf pixels count as 0 (warned).
     """
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 4:
-        raise ValueError(f"size must be an integer >= 4, got {size!r}")
-    size = int(size)
-    if scale not in ("fixed", "fit"):
-        raise ValueError(f"scale must be 'fixed' or 'fit', got {scale!r}")
+    size = CropSettings(size=size, normalize=normalize, scale=scale, border=border).check().size
     if normalize == "none":
         normalize = None
-    if normalize not in ("percentile", "max", "range", None):
-        raise ValueError(
-            f"normalize must be 'percentile', 'max', 'range' or None, got {normalize!r}"
-        )
-    if border not in ("drop", "pad"):
-        raise ValueError(f"border must be 'drop' or 'pad', got {border!r}")
     if not 0 < fill_fraction <= 1:
         raise ValueError(f"fill_fraction must be in (0, 1], got {fill_fraction}")
     if order not in (0, 1, 2, 3):

@@ -18,7 +18,6 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -137,6 +136,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         "--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"
     )
     g.add_argument("--num_workers", type=int, default=0, help="data-loader worker processes")
+    g.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: one per core)"
+    )
     g.add_argument(
         "--distributed", action="store_true", help="DistributedDataParallel (under torchrun)"
     )
@@ -350,6 +352,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         compile=args.compile,
         precision="bf16" if args.bf16 else args.precision,
         kl_warmup=args.kl_warmup,
+        threads=args.threads,
     )
     trainer = Trainer(ckpt.build_model() if ckpt else config, data.dataset, opts, resume=ckpt)
     if rank == 0:
@@ -382,7 +385,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 )
             elif rep.kind == "end":
                 _say(args, rep.message)
-                _say_dims_in_use(args, trainer.model_unwrapped)
+                _say(args, workflow.dims_in_use(trainer.model_unwrapped))
     except TrainingDiverged as err:
         raise InputError(str(err)) from err
     except KeyboardInterrupt:
@@ -399,34 +402,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         _say(args, f"outputs written to {save_dir}")
     trainer.close()
     return 0
-
-
-def _say_dims_in_use(args: argparse.Namespace, model: Any) -> None:
-    """How many latent dimensions the trained model uses, and what to change when none."""
-    from .config import kl_weight
-
-    if not model.activity_measured:
-        return
-    if model.n_active:
-        _say(
-            args,
-            f"latent dimensions in use: {model.n_active} of {model.config.latent_dim} "
-            "(the others are 0 in the encodings)",
-        )
-        return
-    size = model.config.image_size
-    balanced = kl_weight("mevae", size)
-    hint = (
-        f"lower --beta: at image size {size}, --beta {balanced:g} (the default) keeps the "
-        "reference's balance between reconstruction and KL"
-        if model.config.beta > balanced * 1.01
-        else "train longer (--epochs) or ramp the KL weight up (--kl_warmup)"
-    )
-    _say(
-        args,
-        "latent dimensions in use: 0: the model has not learned to use its latent space yet; "
-        f"the encodings keep every dimension. Try: {hint}",
-    )
 
 
 def cmd_encode(args: argparse.Namespace) -> int:

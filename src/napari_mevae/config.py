@@ -14,10 +14,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
+
 __all__ = [
     "ACTIVE_VARIANCE",
     "BETAVAE_FACTOR",
     "MODEL_KINDS",
+    "NUISANCE_CHOICES",
     "PRECISIONS",
     "PRESETS",
     "NORMALIZATIONS",
@@ -132,6 +135,9 @@ class MEVAEConfig:
 
 #: the model kinds a user picks (as shown) -> preset name
 MODEL_KINDS = {"ME-VAE": "mevae", "VAE": "vae", "beta-VAE": "betavae"}
+
+#: the nuisances a user picks from (napari_mevae.nuisances registers more, e.g. "pose")
+NUISANCE_CHOICES = ("rotation", "polarity", "scale")
 
 #: the beta-VAE's KL weight relative to the VAE's, the paper's baseline
 BETAVAE_FACTOR = 4.0
@@ -286,6 +292,22 @@ class CropSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+    def check(self) -> CropSettings:
+        """Raise a ValueError naming the bad setting; returns itself (size as a plain int)."""
+        size = self.size
+        if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 4:
+            raise ValueError(f"size must be an integer >= 4, got {size!r}")
+        self.size = int(size)
+        if self.scale not in ("fixed", "fit"):
+            raise ValueError(f"scale must be 'fixed' or 'fit', got {self.scale!r}")
+        if self.normalize not in (*NORMALIZATIONS, None):
+            raise ValueError(
+                f"normalize must be 'percentile', 'max', 'range' or None, got {self.normalize!r}"
+            )
+        if self.border not in ("drop", "pad"):
+            raise ValueError(f"border must be 'drop' or 'pad', got {self.border!r}")
+        return self
 
     def extract_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``extract_cells``."""

@@ -197,7 +197,7 @@ def synthetic_crops(
 
     Already in the pose :func:`napari_mevae.cells.extract_cells` produces (major axis
     horizontal, nucleus right of and below the centre, background masked to 0), so they can be
-    fed straight to :class:`napari_mevae.transforms.NuisancePairs`.
+    fed straight to :class:`napari_mevae.nuisances.NuisancePairs`.
     """
     if size < 8:
         raise ValueError(f"size must be >= 8, got {size}")

@@ -38,9 +38,11 @@ if TYPE_CHECKING:
 __all__ = [
     "Encoded",
     "TrainData",
+    "background_threads",
     "build_config",
     "cluster_cells",
     "crop_cells",
+    "dims_in_use",
     "encode_cells",
     "load_train_data",
     "open_targets",
@@ -95,6 +97,12 @@ def build_config(
 
 def steps_per_epoch(n_cells: int, batch_size: int) -> int:
     return max(1, math.ceil(n_cells / max(1, batch_size)))
+
+
+def background_threads() -> int:
+    """Threads for work started from napari: all cores but one (at least one), so the viewer's
+    event loop always has a core of its own."""
+    return max(1, (os.cpu_count() or 2) - 1)
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -330,6 +338,30 @@ def train_on_crops(
     trainer = Trainer(ckpt.build_model() if ckpt else cfg, dataset, options, resume=ckpt)
     yield from run_training(trainer, Path(options.save_dir) / "training.log", should_stop, preview)
     return str(trainer.last_checkpoint)
+
+
+def dims_in_use(model: MEVAE) -> str:
+    """One line on the latent dimensions the trained model uses, and what to change when it
+    uses none (every front end prints it after training)."""
+    if not model.activity_measured:
+        return "latent dimensions in use: not measured (the model has not trained yet)"
+    if model.n_active:
+        return (
+            f"latent dimensions in use: {model.n_active} of {model.config.latent_dim} "
+            "(the others are 0 in the encodings)"
+        )
+    size = model.config.image_size
+    balanced = kl_weight("mevae", size)
+    hint = (
+        f"lower --beta: at image size {size}, --beta {balanced:g} (the default) keeps the "
+        "reference's balance between reconstruction and KL"
+        if model.config.beta > balanced * 1.01
+        else "train longer (--epochs) or ramp the KL weight up (--kl_warmup)"
+    )
+    return (
+        "latent dimensions in use: 0: the model has not learned to use its latent space yet; "
+        f"the encodings keep every dimension. Try: {hint}"
+    )
 
 
 # -- analysis ----------------------------------------------------------------------------------

@@ -29,12 +29,11 @@ def sample_layers() -> list[tuple[Any, dict[str, Any], str]]:
 @pytest.fixture
 def notes(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
     """Messages the widget showed through napari notifications, by level."""
-    from napari_mevae._widgets import _main
+    from napari_mevae._widgets import _host
 
-    got: dict[str, list[str]] = {"error": [], "warning": [], "info": []}
-    monkeypatch.setattr(_main, "show_error", lambda m: got["error"].append(str(m)))
-    monkeypatch.setattr(_main, "show_warning", lambda m: got["warning"].append(str(m)))
-    monkeypatch.setattr(_main, "show_info", lambda m: got["info"].append(str(m)))
+    got: dict[str, list[str]] = {"error": [], "info": []}
+    monkeypatch.setattr(_host, "show_error", lambda m: got["error"].append(str(m)))
+    monkeypatch.setattr(_host, "show_info", lambda m: got["info"].append(str(m)))
     return got
 
 
@@ -61,8 +60,7 @@ def viewer_widget(make_napari_viewer: Callable, qtbot: Any, sample_layers: list,
     model.device.setCurrentText("cpu")
     yield viewer, widget
     # never leave a thread running into the next test
-    if widget.model_panel.job is not None:
-        widget.model_panel.job.stop()
+    widget.model_panel.stop()
     qtbot.waitUntil(lambda: not widget.busy, timeout=120_000)
 
 

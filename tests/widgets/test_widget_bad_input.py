@@ -123,8 +123,8 @@ def test_image_and_labels_names_in_combos(viewer_widget):
 
 def test_mevae_without_nuisance(extracted, notes):
     viewer, widget = extracted
-    widget.cells_panel.set_nuisances([])
-    assert widget.cells_panel.k_label.text() == "K = 0"
+    widget.model_panel._set_nuisances([])
+    assert widget.model_panel.k_label.text() == "K = 0"
     assert widget.model_panel.train() is None
     assert "at least one nuisance" in notes["error"][-1]
     assert widget.session.model is None

@@ -7,10 +7,13 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from napari.layers import Image, Labels
 from widget_helpers import LABELS, N_CELLS, wait_idle
 
-from napari_mevae._widgets._main import PAIRS_LAYER, TRAIN_RECON_LAYER, TRAVERSAL_LAYER
+from napari_mevae._widgets._analyse import TRAVERSAL_LAYER
+from napari_mevae._widgets._cells import PAIRS_LAYER
+from napari_mevae._widgets._model import TRAIN_RECON_LAYER
 
 
 def _train(qtbot, widget, epochs: int = 1):
@@ -141,7 +144,7 @@ def test_full_flow(extracted, qtbot, tmp_path, notes):
     before = s.model
     _train(qtbot, widget, epochs=1)
     assert not notes["error"], notes["error"]
-    assert s.model is before
+    assert s.model.config == before.config and len(s.history) == 2
     assert "2 epoch(s) trained" in widget.model_panel.status.text()
 
     # a picture of the result, not blank
@@ -159,16 +162,23 @@ def test_stop_keeps_model(extracted, qtbot, tmp_path, notes):
     m.autosave.setText(str(tmp_path / "run"))
     steps: list = []
     worker = m.train()
-    worker.yielded.connect(lambda msg: steps.append(msg[0]))
+    worker.yielded.connect(lambda report: steps.append(report.kind))
     qtbot.waitUntil(lambda: steps.count("step") >= 2, timeout=60_000)
     m.stop()
     wait_idle(qtbot, widget)
     assert steps.count("step") < 200 * 5  # stopped long before the end
     assert steps[-1] == "end"
+    ckpt = tmp_path / "run" / "models" / "checkpoint.pt"
+    assert ckpt.is_file()
+    # the model the training process saved when it stopped is the session's model
     assert widget.session.model is not None
-    assert widget.session.model is m.job.model
+    assert widget.session.checkpoint_path == str(ckpt)
+    from napari_mevae.checkpoints import load_checkpoint
+
+    saved = load_checkpoint(ckpt)
+    for key, value in saved.build_model().state_dict().items():
+        assert torch.equal(value, widget.session.model.state_dict()[key].cpu()), key
     assert any("stopped" in t for t in notes["info"])
-    assert (tmp_path / "run" / "models" / "checkpoint.pt").is_file()
     assert m.train_btn.isEnabled() and not m.stop_btn.isEnabled()
 
 
@@ -202,7 +212,5 @@ def test_kl_warmup_and_precision_reach_the_trainer(extracted, qtbot, notes):
     assert not notes["error"], notes["error"]
     # the step status says where and in what precision the run trains
     assert any(t.startswith("Epoch 1/1, step") and "cells/s on cpu, float32)" in t for t in shown)
-    trainer = m.job.trainer
-    assert trainer.options.kl_warmup == 3.0
-    assert trainer.options.precision == "float32" and trainer.precision == "float32"
+    assert m.last_options.kl_warmup == 3.0 and m.last_options.precision == "float32"
     assert widget.session.model is not None

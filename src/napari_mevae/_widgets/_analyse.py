@@ -1,0 +1,336 @@
+"""The Analyse tab: encode every cell, UMAP and clustering, results into the labels layer's
+features, a clickable scatter, latent traversals."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from napari.qt.threading import create_worker
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QSpinBox,
+    QVBoxLayout,
+)
+
+from .. import workflow
+from ..config import CheckpointError
+from ._host import MEVAEWidget, Panel, button
+from ._layers import show_image, show_labels, to_tiles
+from ._plots import ScatterPlot
+
+__all__ = ["TRAVERSAL_LAYER", "AnalysePanel"]
+
+TRAVERSAL_LAYER = "ME-VAE latent traversal"
+# columns features_table writes: old values of these are replaced, never merged
+_RESULT_COLUMNS = ("index", "label", "plane", "centroid_y", "centroid_x", "cluster")
+
+
+class AnalysePanel(Panel):
+    """Encode, UMAP + cluster, results into the labels layer, clickable scatter, traversal."""
+
+    def __init__(self, host: MEVAEWidget) -> None:
+        super().__init__(host)
+        self.encode_btn = button("Encode cells", self.encode, "latent features of every cell")
+        self.method = QComboBox()
+        self.method.addItems(["kmeans", "gmm", "hdbscan"])
+        self.n_clusters = QSpinBox()
+        self.n_clusters.setRange(1, 100)
+        self.n_clusters.setValue(3)
+        self.umap_chk = QCheckBox("UMAP")
+        self.umap_chk.setChecked(True)
+        self.cluster_btn = button("Cluster", self.cluster, "cluster the latents again")
+        self.progress = QProgressBar()
+        self.progress.setValue(0)
+        self.scatter = ScatterPlot(on_pick=self.select_cell)
+        self.dim = QSpinBox()
+        self.dim.setRange(0, 15)
+        self.steps = QSpinBox()
+        self.steps.setRange(3, 31)
+        self.steps.setValue(10)
+        self.around_chk = QCheckBox("around selected cell")
+        self.traverse_btn = button("Show traversal", self.show_traversal)
+        self.status = QLabel("Train or load a model, then encode the cells.")
+        self.status.setWordWrap(True)
+
+        form = QFormLayout()
+        form.addRow("Clustering", self.method)
+        form.addRow("Clusters", self.n_clusters)
+        lay = QVBoxLayout(self)
+        lay.addWidget(self.encode_btn)
+        lay.addLayout(form)
+        row = QHBoxLayout()
+        row.addWidget(self.umap_chk)
+        row.addWidget(self.cluster_btn)
+        lay.addLayout(row)
+        lay.addWidget(self.progress)
+        lay.addWidget(self.scatter)
+        trav = QGroupBox("Latent traversal")
+        tl = QFormLayout(trav)
+        tl.addRow("Dimension", self.dim)
+        tl.addRow("Steps", self.steps)
+        tl.addRow(self.around_chk)
+        tl.addRow(self.traverse_btn)
+        lay.addWidget(trav)
+        lay.addWidget(self.status)
+        lay.addStretch(1)
+        self.session.model_changed.connect(self._model_changed)
+        self.session.cells_changed.connect(self._reset_plot)
+
+    def _model_changed(self) -> None:
+        if self.session.model is not None:
+            self.dim.setRange(0, self.session.model.config.latent_dim - 1)
+        self._reset_plot()
+
+    def _reset_plot(self) -> None:
+        self.scatter.set_points(np.zeros((0, 2)), np.zeros(0))
+
+    def _ready(self) -> bool:
+        s = self.session
+        if s.cells is None:
+            self.error("Extract cells first (Cells tab).")
+            return False
+        if s.model is None:
+            self.error("Train or load a model first (Model tab).")
+            return False
+        if s.training:
+            self.error("Wait for the training to end (or stop it) before encoding.")
+            return False
+        if s.labels_layer is None or s.labels_layer not in self.viewer.layers:
+            self.error("The labels layer the cells came from was removed; extract the cells again.")
+            return False
+        return True
+
+    def encode(self, then_cluster: bool = True) -> Any:
+        """Encode every cell in a worker and reconstruct it; then, unless ``then_cluster`` is
+        False, UMAP + cluster (:meth:`cluster`) once the encoding worker has finished."""
+        if self.busy or not self._ready():
+            return None
+        from ..checkpoints import check_compatible
+
+        s = self.session
+        crops = s.crops
+        try:
+            check_compatible(
+                s.model.config, crops.shape[-1], crops.shape[1], s.model.config.n_encoders
+            )
+        except CheckpointError as err:
+            self.error(f"Cannot encode: {err}")
+            return None
+        batch = 128
+        worker = create_worker(
+            workflow.encode_cells,
+            s.model,
+            crops,
+            batch,
+            _progress={"total": math.ceil(len(crops) / batch), "desc": "ME-VAE: encoding"},
+            _start_thread=False,
+            _connect={"errored": self._on_error},
+        )
+        worker.yielded.connect(self._on_encode_progress)
+        worker.returned.connect(self._on_encoded)
+        worker.finished.connect(self._on_finished)
+        if then_cluster:  # after _on_finished, which clears the busy flag; not after an error
+            worker.finished.connect(self.cluster)
+            worker.errored.connect(lambda _: worker.finished.disconnect(self.cluster))
+        self._worker = worker
+        self._set_enabled(False)
+        self.progress.setRange(0, len(crops))
+        self.progress.setValue(0)
+        self.status.setText(f"Encoding {len(crops)} cells...")
+        worker.start()
+        return worker
+
+    def _set_enabled(self, on: bool) -> None:
+        for b in (self.encode_btn, self.cluster_btn, self.traverse_btn):
+            b.setEnabled(on)
+
+    def _on_error(self, err: Exception) -> None:
+        self.error(f"Analysis failed: {err}")
+
+    def _on_finished(self) -> None:
+        self._worker = None
+        self._set_enabled(True)
+
+    def _on_encode_progress(self, item: tuple[int, int]) -> None:
+        done, total = item
+        self.progress.setRange(0, total)
+        self.progress.setValue(done)
+
+    def _on_encoded(self, result: Any) -> None:
+        s = self.session
+        s.latents, s.recon = result.latents, result.recon
+        s.embedding = s.clusters = None
+        labels = s.labels_layer
+        show_image(
+            self.viewer,
+            f"{labels.name} reconstructions",
+            _display_stack(result.recon),
+            anchor=s.image_layer,
+            metadata={"rows": "cells in crop order (features row)"},
+        )
+        self.status.setText(f"{len(s.latents)} cells encoded ({s.latents.shape[1]} features).")
+
+    def cluster(self) -> Any:
+        """UMAP (once per encoding) and clustering in a worker; results go to the layers."""
+        if self.busy:
+            return None
+        s = self.session
+        if s.latents is None:
+            self.error("Encode the cells first.")
+            return None
+        if s.labels_layer is None or s.labels_layer not in self.viewer.layers:
+            self.error("The labels layer the cells came from was removed; extract the cells again.")
+            return None
+        worker = create_worker(
+            workflow.cluster_cells,
+            s.latents,
+            self.method.currentText(),
+            self.n_clusters.value(),
+            s.embedding,
+            self.umap_chk.isChecked(),
+            _progress={"desc": "ME-VAE: UMAP + clustering"},
+            _start_thread=False,
+            _connect={"errored": self._on_error},
+        )
+        worker.returned.connect(self._apply_results)
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        self._set_enabled(False)
+        self.progress.setRange(0, 0)
+        self.status.setText("UMAP + clustering...")
+        worker.start()
+        return worker
+
+    def _apply_results(self, result: tuple[np.ndarray | None, np.ndarray]) -> None:
+        from ..analysis import features_table, paint_clusters
+
+        embedding, clusters = result
+        s = self.session
+        labels = s.labels_layer
+        if labels is None or labels not in self.viewer.layers:
+            self.error("The labels layer was removed during the analysis; results not shown.")
+            return
+        kept = s.cells.kept
+        table = features_table(kept, s.latents, embedding, clusters)
+        s.embedding, s.clusters, s.table = embedding, clusters, table
+        labels.features = _merge_features(labels.features, table)
+        planes = np.asarray(kept["plane"]) if s.settings and s.settings.stack else None
+        painted = paint_clusters(labels.data, table["label"], clusters, planes)
+        s.clusters_layer = show_labels(
+            self.viewer,
+            f"{labels.name} clusters",
+            painted,
+            scale=labels.scale,
+            translate=labels.translate,
+            metadata={"source_labels": labels.name},
+        )
+        s.clusters_layer.features = pd.DataFrame(
+            {"index": np.arange(int(clusters.max(initial=0)) + 1)}
+        ).assign(cells=lambda d: [int((clusters == i).sum()) for i in d["index"]])
+        if embedding is not None:
+            self.scatter.set_points(embedding, clusters, f"{len(clusters)} cells")
+        counts = ", ".join(
+            f"{int(c)}: {int(n)}"
+            for c, n in zip(*np.unique(clusters, return_counts=True), strict=True)
+        )
+        self.progress.setRange(0, 1)
+        self.progress.setValue(1)
+        self.status.setText(
+            f"{self.method.currentText()} clusters (cluster: cells) {counts}. Results are in the "
+            f"features of {labels.name!r}; click a point to find its cell."
+        )
+        s.results_changed.emit()
+
+    def select_cell(self, row: int) -> None:
+        """Show the cell of features row ``row`` in the viewer: select its label and centre on it."""
+        s = self.session
+        if s.table is None or not 0 <= row < len(s.table):
+            return
+        rec = s.table.iloc[row]
+        labels = s.labels_layer
+        label = int(rec["label"])
+        s.selected_row = row
+        self.scatter.select(row)
+        if labels is None or labels not in self.viewer.layers:
+            return
+        labels.selected_label = label
+        labels.show_selected_label = True
+        point = [float(rec["centroid_y"]), float(rec["centroid_x"])]
+        if labels.ndim == 3:
+            point = [float(rec["plane"]), *point]
+        world = np.asarray(labels.data_to_world(point))
+        if labels.ndim == 3:
+            self.viewer.dims.set_point(self.viewer.dims.ndim - 3, world[0])
+        _camera(self.viewer).center = tuple(world[-2:])
+        self.status.setText(f"Cell {label}: cluster {int(rec['cluster'])}.")
+
+    def show_traversal(self, dim: int | None = None) -> np.ndarray | None:
+        """Decode a walk along one latent dimension (others at 0, or at the selected cell)."""
+        s = self.session
+        if s.model is None:
+            self.error("Train or load a model first (Model tab).")
+            return None
+        if self.host.model_panel.busy:
+            self.error("Wait for the training to end (or stop it) first.")
+            return None
+        from ..analysis import latent_traversal
+
+        d = self.dim.value() if dim is None else int(dim)
+        base = None
+        if self.around_chk.isChecked() and s.selected_row is not None and s.latents is not None:
+            base = s.latents[s.selected_row]
+        try:
+            walk = latent_traversal(s.model, d, steps=self.steps.value(), base=base)
+        except ValueError as err:
+            self.error(f"Cannot traverse: {err}")
+            return None
+        show_image(
+            self.viewer,
+            TRAVERSAL_LAYER,
+            to_tiles(walk, ncols=len(walk)),
+            anchor=s.image_layer,
+            metadata={"dimension": d, "quantiles": "0.05..0.95"},
+        )
+        self.status.setText(f"Latent traversal of z{d}: left to right from low to high values.")
+        return walk
+
+
+def _camera(viewer: Any) -> Any:
+    """The viewer's camera (``viewer.scene.camera`` from napari 0.9, ``viewer.camera`` before)."""
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
+
+
+def _display_stack(images: np.ndarray) -> np.ndarray:
+    from ..figures import to_display
+
+    return to_display(np.asarray(images, np.float32))
+
+
+def _merge_features(old: pd.DataFrame | None, new: pd.DataFrame) -> pd.DataFrame:
+    """New results, plus the user's own columns of the old table (e.g. ground truth), matched
+    on ``index``; old results (cluster, z*, UMAP*) are replaced, never mixed in."""
+    if old is None or len(old) == 0 or "index" not in old:
+        return new
+    ours = set(_RESULT_COLUMNS) | set(new.columns)
+    keep = [
+        c
+        for c in old.columns
+        if c not in ours and not (c[:1] == "z" and c[1:].isdigit()) and not c.startswith("UMAP")
+    ]
+    if not keep:
+        return new
+    extra = old[["index", *keep]].drop_duplicates("index")
+    return new.merge(extra, on="index", how="left")
+
+
+# ---------------------------------------------------------------------------------------------

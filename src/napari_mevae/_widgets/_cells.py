@@ -1,0 +1,250 @@
+"""The Cells tab: pick the image and labels layers, crop every cell into canonical pose,
+preview training pairs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from napari.layers import Image, Labels
+from napari.qt.threading import create_worker
+from qtpy.QtCore import Signal
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QSpinBox,
+    QVBoxLayout,
+)
+
+from .. import workflow
+from ..config import NORMALIZATIONS, CropSettings
+from ._host import MEVAEWidget, Panel, button
+from ._layers import LayerCombo, infer_layout, layer_array, show_image, to_tiles
+
+__all__ = ["PAIRS_LAYER", "CellsPanel"]
+
+CROP_SIZES = ("32", "48", "64", "96", "128")
+PAIRS_LAYER = "ME-VAE pairs preview"
+
+
+class CellsPanel(Panel):
+    """Choose image + labels, crop every cell, preview the pairs the model will train on."""
+
+    extract_progress = Signal(int, int)  # emitted from the extraction thread (queued to GUI)
+
+    def __init__(self, host: MEVAEWidget) -> None:
+        super().__init__(host)
+        self.image_combo = LayerCombo(self.viewer, Image)
+        self.labels_combo = LayerCombo(self.viewer, Labels)
+        self.size_combo = QComboBox()
+        self.size_combo.addItems(CROP_SIZES)
+        self.size_combo.setCurrentText(str(CropSettings.size))
+        self.size_combo.setToolTip("crop side in pixels (a multiple of 8); the model's image size")
+        self.channel_combo = QComboBox()
+        self.channel_combo.addItems(["auto", "none", "0", "1", "2", "3", "-1"])
+        self.channel_combo.setToolTip(
+            "axis of the image that holds channels; auto: the axis the labels do not have "
+            "(RGB: the last)"
+        )
+        self.normalize_combo = QComboBox()
+        self.normalize_combo.addItems(list(NORMALIZATIONS))
+        self.scale_combo = QComboBox()
+        self.scale_combo.addItems(["fixed", "fit"])
+        self.scale_combo.setToolTip(
+            "fixed: keep pixel size; fit: rescale each cell to fill the crop"
+        )
+        self.border_combo = QComboBox()
+        self.border_combo.addItems(["drop", "pad"])
+        self.min_area = QSpinBox()
+        self.min_area.setRange(0, 10**7)
+        self.align_chk = QCheckBox("align cells (canonical orientation)")
+        self.align_chk.setChecked(True)
+        self.mask_chk = QCheckBox("mask neighbours")
+        self.mask_chk.setChecked(True)
+        self.extract_btn = button("Extract cells", self.extract, "crop every labelled cell")
+        self.preview_btn = button(
+            "Preview pairs", self.preview_pairs, "add an image of a few encoder inputs + targets"
+        )
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        self.summary = QLabel("No cells extracted yet.")
+        self.summary.setWordWrap(True)
+
+        form = QFormLayout()
+        form.addRow("Image", self.image_combo)
+        form.addRow("Labels", self.labels_combo)
+        form.addRow("Crop size", self.size_combo)
+        form.addRow("Channel axis", self.channel_combo)
+        form.addRow("Normalise", self.normalize_combo)
+        form.addRow("Scale", self.scale_combo)
+        form.addRow("Border cells", self.border_combo)
+        form.addRow("Min area (px)", self.min_area)
+        form.addRow(self.align_chk)
+        form.addRow(self.mask_chk)
+        lay = QVBoxLayout(self)
+        lay.addLayout(form)
+        row = QHBoxLayout()
+        row.addWidget(self.extract_btn)
+        row.addWidget(self.preview_btn)
+        lay.addLayout(row)
+        lay.addWidget(self.progress)
+        lay.addWidget(self.summary)
+        lay.addStretch(1)
+        self.extract_progress.connect(self._on_progress)
+
+    def settings(self) -> CropSettings:
+        return CropSettings(
+            size=int(self.size_combo.currentText()),
+            normalize=self.normalize_combo.currentText(),
+            scale=self.scale_combo.currentText(),
+            min_area=self.min_area.value(),
+            border=self.border_combo.currentText(),
+            align=self.align_chk.isChecked(),
+            mask=self.mask_chk.isChecked(),
+        )
+
+    def _inputs(self) -> tuple[Image, Labels, int | None, bool] | None:
+        """The chosen layers and their layout, or None after telling the user what is wrong."""
+        image, labels = self.image_combo.layer(), self.labels_combo.layer()
+        if image is None:
+            self.error("No Image layer selected: open an image of the cells first.")
+            return None
+        if labels is None:
+            self.error(
+                "No Labels layer selected: add a label image (segmentation) of the cells, "
+                "one integer id per cell."
+            )
+            return None
+        img_shape = layer_array(image).shape if image.multiscale else image.data.shape
+        try:
+            axis, stack = infer_layout(
+                img_shape, labels.data.shape, image.rgb, self.channel_combo.currentText()
+            )
+        except ValueError as err:
+            self.error(f"Cannot crop cells: {err}")
+            return None
+        return image, labels, axis, stack
+
+    # -- actions -----------------------------------------------------------------------------
+    def extract(self) -> Any:
+        """Crop every cell in a worker; the session is only replaced when it succeeded."""
+        if self.busy:
+            self.info("Cell extraction is already running.")
+            return None
+        if self.session.training:
+            self.error(
+                "Training is running on the current cells: stop it (Model tab) before "
+                "extracting new ones."
+            )
+            return None
+        checked = self._inputs()
+        if checked is None:
+            return None
+        image, labels, axis, stack = checked
+        settings = self.settings()
+        settings.channel_axis, settings.stack = axis, stack
+        signal = self.extract_progress
+
+        def progress(done: int, total: int) -> None:  # called in the worker thread
+            signal.emit(int(done), int(total))
+
+        worker = create_worker(
+            workflow.crop_cells,
+            layer_array(image),
+            layer_array(labels),
+            settings,
+            progress,
+            _progress={"desc": "ME-VAE: cropping cells"},
+            _start_thread=False,
+            _connect={"errored": self._on_error},
+        )
+        worker.returned.connect(lambda cells: self._on_cells(cells, image, labels, settings))
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        self.extract_btn.setEnabled(False)
+        self.progress.setRange(0, 0)
+        self.summary.setText(f"Cropping cells of {labels.name!r}...")
+        worker.start()
+        return worker
+
+    def _on_progress(self, done: int, total: int) -> None:
+        self.progress.setRange(0, max(total, 1))
+        self.progress.setValue(done)
+
+    def _on_error(self, err: Exception) -> None:
+        self.error(f"Cell extraction failed: {err}")
+        self.summary.setText("Cell extraction failed; nothing was changed.")
+
+    def _on_finished(self) -> None:
+        self._worker = None
+        self.extract_btn.setEnabled(True)
+        self.progress.setRange(0, 1)
+        self.progress.setValue(1)
+
+    def _on_cells(self, cells: Any, image: Image, labels: Labels, settings: CropSettings) -> None:
+        kept = len(cells.crops)
+        skipped = len(cells.skipped)
+        counts = cells.skip_summary()
+        reasons = " (" + ", ".join(f"{r}: {c}" for r, c in counts.items()) + ")" if counts else ""
+        if kept == 0:
+            self.error(
+                f"No cell could be cropped from {labels.name!r}: {skipped} skipped{reasons}. "
+                "Try border 'pad', a smaller min area or a larger crop size."
+            )
+            self.summary.setText("No cells cropped; the previous cells are kept.")
+            return
+        s = self.session
+        s.cells, s.settings = cells, settings
+        s.image_layer, s.labels_layer = image, labels
+        s.clear_results()
+        c, size = cells.crops.shape[1], cells.crops.shape[-1]
+        self.summary.setText(
+            f"{kept} cells cropped from {labels.name!r} ({size}x{size} px, {c} channel(s)); "
+            f"{skipped} skipped{reasons}."
+        )
+        self.info(f"{kept} cells ready for training.")
+        s.cells_changed.emit()
+
+    def preview_pairs(self, n: int = 6) -> Any:
+        """Show ``n`` training examples: K nuisance-randomised inputs, then the target."""
+        if self.busy:
+            self.info("Wait for the cells to be cropped.")
+            return None
+        if self.session.cells is None:
+            self.error("Extract cells first: there is nothing to preview.")
+            return None
+        worker = create_worker(
+            workflow.preview_pairs,
+            self.session.crops,
+            list(self.session.nuisances),
+            n,
+            _progress={"desc": "ME-VAE: preview pairs"},
+            _start_thread=False,
+            _connect={"errored": lambda e: self.error(f"Cannot preview pairs: {e}")},
+        )
+        worker.returned.connect(self._show_pairs)
+        worker.finished.connect(self._preview_done)
+        self._worker = worker
+        self.preview_btn.setEnabled(False)
+        worker.start()
+        return worker
+
+    def _preview_done(self) -> None:
+        self._worker = None
+        self.preview_btn.setEnabled(True)
+
+    def _show_pairs(self, result: tuple[np.ndarray, int]) -> None:
+        images, k = result
+        show_image(
+            self.viewer,
+            PAIRS_LAYER,
+            to_tiles(images, ncols=k + 1),
+            anchor=self.session.image_layer,
+            metadata={"columns": f"{k} inputs, target"},
+        )
+        self.info(f"Pairs preview: each row shows {k} encoder input(s) then the target.")

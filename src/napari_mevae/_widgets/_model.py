@@ -1,0 +1,467 @@
+"""The Model tab: the model and the nuisances it removes (one encoder each), training in a
+background process with a live loss curve, stop, save / load checkpoints."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from napari.qt.threading import create_worker
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QSpinBox,
+    QVBoxLayout,
+)
+
+from .. import workflow
+from ..child import ChildRun
+from ..config import (
+    BETAVAE_FACTOR,
+    MODEL_KINDS,
+    NUISANCE_CHOICES,
+    PRECISIONS,
+    CheckpointError,
+    InputError,
+    TrainOptions,
+    model_kind,
+    size_scaled_beta,
+)
+from ._host import MEVAEWidget, Panel, button
+from ._layers import show_image, to_tiles
+from ._plots import LossPlot
+
+__all__ = ["TRAIN_RECON_LAYER", "ModelPanel"]
+
+TRAIN_RECON_LAYER = "ME-VAE reconstructions (training)"
+PREVIEW_CELLS = 8  # cells whose reconstructions are shown after every epoch
+
+
+def _stream(run: ChildRun) -> Any:
+    """The thread worker's body: forward what the training process yields (waiting on its pipe
+    releases the GIL, so the GUI thread runs freely); returns its checkpoint path."""
+    return (yield from run.results())
+
+
+class ModelPanel(Panel):
+    """Model choice, training in a background process with a live loss curve, stop, save/load."""
+
+    def __init__(self, host: MEVAEWidget) -> None:
+        super().__init__(host)
+        self.type_combo = QComboBox()
+        self.type_combo.addItems(list(MODEL_KINDS))
+        self.type_combo.currentTextChanged.connect(self._type_changed)
+        self.nuisance_chks: dict[str, QCheckBox] = {}
+        nuis_box = QGroupBox("Nuisances to remove (one encoder each)")
+        nl = QHBoxLayout(nuis_box)
+        for name in NUISANCE_CHOICES:
+            chk = QCheckBox(name)
+            chk.setChecked(name in self.session.nuisances)
+            chk.toggled.connect(self._nuisances_toggled)
+            self.nuisance_chks[name] = chk
+            nl.addWidget(chk)
+        self.k_label = QLabel()
+        nl.addWidget(self.k_label)
+        self.beta = QDoubleSpinBox()
+        self.beta.setRange(0.0, 1000.0)
+        self.beta.setValue(BETAVAE_FACTOR)
+        self.beta.setToolTip(
+            "KL weight of the beta-VAE relative to the VAE's (1 = plain VAE). Every model's KL "
+            "weight is also scaled by (crop size / 128)^2, the reference's balance at 128 px."
+        )
+        self.latent = QSpinBox()
+        self.latent.setRange(2, 512)
+        self.latent.setValue(16)
+        self.epochs = QSpinBox()
+        self.epochs.setRange(1, 10000)
+        self.epochs.setValue(10)
+        self.batch = QSpinBox()
+        self.batch.setRange(1, 4096)
+        self.batch.setValue(32)
+        self.lr = QDoubleSpinBox()
+        self.lr.setDecimals(6)
+        self.lr.setRange(1e-6, 1.0)
+        self.lr.setSingleStep(1e-4)
+        self.lr.setValue(5e-4)
+        self.device = QComboBox()
+        self.device.addItems(["auto", "cpu", "cuda"])
+        self.seed = QSpinBox()
+        self.seed.setRange(0, 2**31 - 1)
+        self.kl_warmup = QSpinBox()
+        self.kl_warmup.setRange(0, 10000)
+        self.kl_warmup.setToolTip(
+            "Epochs over which the KL weight ramps up from 0 (0 = off): against a latent space "
+            "that collapses to a few dimensions"
+        )
+        self.precision = QComboBox()
+        self.precision.addItems(list(PRECISIONS))
+        self.precision.setToolTip(
+            "auto: bfloat16 where the CPU/GPU runs it natively (faster), float16 with loss "
+            "scaling on older CUDA GPUs (T4, V100), else float32. "
+            "Weights and loss always stay float32"
+        )
+        self.autosave = QLineEdit()
+        self.autosave.setPlaceholderText("optional folder: checkpoint every epoch and on stop")
+        self.continue_chk = QCheckBox("train more (continue the current model)")
+        self.continue_chk.setEnabled(False)
+        self.train_btn = button("Train", self.train)
+        self.stop_btn = button("Stop", self.stop, "stop after the current step, keep the model")
+        self.stop_btn.setEnabled(False)
+        self.save_btn = button("Save checkpoint...", self.save_checkpoint)
+        self.load_btn = button("Load checkpoint...", self.load_checkpoint)
+        self.progress = QProgressBar()
+        self.progress.setValue(0)
+        self.status = QLabel("No model yet.")
+        self.status.setWordWrap(True)
+        self.loss_plot = LossPlot()
+
+        form = QFormLayout()
+        form.addRow("Model", self.type_combo)
+        form.addRow(nuis_box)
+        form.addRow("beta", self.beta)
+        form.addRow("Latent dim", self.latent)
+        form.addRow("Epochs", self.epochs)
+        form.addRow("Batch size", self.batch)
+        form.addRow("Learning rate", self.lr)
+        form.addRow("Device", self.device)
+        form.addRow("Seed", self.seed)
+        form.addRow("KL warm-up (epochs)", self.kl_warmup)
+        form.addRow("Precision", self.precision)
+        form.addRow("Autosave", self.autosave)
+        form.addRow(self.continue_chk)
+        lay = QVBoxLayout(self)
+        lay.addLayout(form)
+        row = QHBoxLayout()
+        row.addWidget(self.train_btn)
+        row.addWidget(self.stop_btn)
+        lay.addLayout(row)
+        lay.addWidget(self.progress)
+        lay.addWidget(self.loss_plot)
+        row2 = QHBoxLayout()
+        row2.addWidget(self.save_btn)
+        row2.addWidget(self.load_btn)
+        lay.addLayout(row2)
+        lay.addWidget(self.status)
+        lay.addStretch(1)
+        # the current run (None between runs) and what the GUI needs to follow it
+        self.run: ChildRun | None = None
+        self.last_options: TrainOptions | None = None
+        self._run_type = ""
+        self._run_dir = ""
+        self._run_desc = ""
+        self._run_start_epoch = 0
+        self._steps = 1
+        self._preview: np.ndarray | None = None
+        self._last_status = 0.0
+        self._type_changed(self.type_combo.currentText())
+        self._nuisances_toggled()
+        self.session.model_changed.connect(self._describe_model)
+
+    # -- choices -----------------------------------------------------------------------------
+    def nuisances(self) -> list[str]:
+        """The ticked nuisances, in registry order: K = their number for an ME-VAE."""
+        return [n for n, chk in self.nuisance_chks.items() if chk.isChecked()]
+
+    def _set_nuisances(self, names: list[str]) -> None:
+        for n, chk in self.nuisance_chks.items():
+            chk.setChecked(n in names)
+
+    def _nuisances_toggled(self, *_: Any) -> None:
+        names = self.nuisances()
+        mevae = MODEL_KINDS[self.type_combo.currentText()] == "mevae"
+        self.k_label.setText(f"K = {len(names) if mevae else 1}")
+        self.session.set_nuisances(names)
+
+    def _type_changed(self, text: str) -> None:
+        self.beta.setEnabled(text == "beta-VAE")
+        if self.nuisance_chks:
+            self._nuisances_toggled()
+
+    def _describe_model(self) -> None:
+        model = self.session.model
+        self.continue_chk.setEnabled(model is not None)
+        if model is None:
+            self.status.setText("No model yet.")
+            return
+        cfg = model.config
+        done = len([h for h in self.session.history if not h.get("partial")])
+        nuis = ", ".join(cfg.nuisances) or "none"
+        used = ""
+        if model.activity_measured:
+            used = f" ({model.n_active} in use{'' if model.n_active else ': train longer'})"
+        source = f" - {self.session.model_source}" if self.session.model_source else ""
+        self.status.setText(
+            f"Model: {model_kind(cfg)}, K={cfg.n_encoders} ({nuis}), latent {cfg.latent_dim}"
+            f"{used}, {cfg.image_size} px, {cfg.channels} channel(s); {done} epoch(s) trained"
+            f"{source}."
+        )
+
+    # -- training ----------------------------------------------------------------------------
+    def train(self) -> Any:
+        """Start training in a background process (a new model, or more of the current one)."""
+        s = self.session
+        if self.busy:
+            self.info("Training is already running.")
+            return None
+        if s.cells is None:
+            self.error("Extract cells first (Cells tab): there is nothing to train on.")
+            return None
+        crops = s.crops
+        n, c, size = crops.shape[0], crops.shape[1], crops.shape[-1]
+        model_type = self.type_combo.currentText()
+        resume = None
+        if self.continue_chk.isChecked() and s.model is not None:
+            from ..checkpoints import check_compatible
+
+            cfg = s.model.config
+            model_type = s.model_type or model_kind(cfg)
+            try:
+                check_compatible(cfg, size, c, cfg.n_encoders)
+            except CheckpointError as err:
+                self.error(f"Cannot train the current model more: {err}")
+                return None
+            config, resume = cfg, s.checkpoint_path
+        else:
+            kind = MODEL_KINDS[model_type]
+            try:
+                config = workflow.build_config(
+                    kind,
+                    image_size=size,
+                    channels=c,
+                    nuisances=self.nuisances(),
+                    beta_factor=self.beta.value() if kind == "betavae" else None,
+                    latent_dim=self.latent.value(),
+                )
+            except (InputError, ValueError) as err:
+                self.error(f"Cannot train: {err}")
+                return None
+        self._run_dir = self.autosave.text().strip() or tempfile.mkdtemp(prefix="mevae-napari-")
+        threads = workflow.background_threads()
+        options = TrainOptions(
+            epochs=self.epochs.value(),
+            batch_size=self.batch.value(),
+            learn_rate=self.lr.value(),
+            device=self.device.currentText(),
+            seed=self.seed.value(),
+            save_dir=self._run_dir,
+            kl_warmup=float(self.kl_warmup.value()),
+            precision=self.precision.currentText(),
+            threads=threads,
+        )
+        self._preview = crops[: min(PREVIEW_CELLS, n)]
+        self._steps = workflow.steps_per_epoch(n, options.batch_size)
+        self.last_options = options
+        self._run_type = model_type
+        self.run = ChildRun(
+            "napari_mevae.workflow:train_on_crops",
+            crops,
+            config,
+            options,
+            MODEL_KINDS[model_type],
+            resume=resume,
+            preview=self._preview,
+            threads=threads,
+        )
+        worker = create_worker(
+            _stream,
+            self.run,
+            _progress={"total": 2 + options.epochs * (self._steps + 1), "desc": "ME-VAE: training"},
+            _start_thread=False,
+            _connect={"errored": self._on_error},
+        )
+        worker.yielded.connect(self._on_report)
+        worker.returned.connect(self._on_returned)
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        if resume is None:
+            self.loss_plot.clear()
+        self.progress.setRange(0, options.epochs * self._steps)
+        self.progress.setValue(0)
+        self.train_btn.setEnabled(False)
+        self.stop_btn.setEnabled(True)
+        self.load_btn.setEnabled(False)
+        self.status.setText("Training: starting the training process...")
+        s.set_training(True)
+        worker.start()
+        return worker
+
+    def stop(self) -> None:
+        """Stop after the current step; the training process saves and returns the model."""
+        if self.run is None:
+            return
+        self.run.stop()
+        self.stop_btn.setEnabled(False)
+        self.status.setText("Stopping after the current step...")
+
+    def _on_report(self, report: Any) -> None:
+        if report.kind == "start":
+            self._steps = report.steps_per_epoch
+            self._run_start_epoch = report.epoch
+            self._run_desc = report.message  # what "auto" resolved to, e.g. "cpu, bf16"
+            self.progress.setRange(0, max(1, self.epochs.value() * self._steps))
+            return
+        done_steps = (report.epoch - self._run_start_epoch) * self._steps + report.step
+        if report.kind == "step":
+            self.loss_plot.add_step(
+                report.epoch + report.step / max(1, report.steps_per_epoch), report.loss
+            )
+            now = time.monotonic()
+            if now - self._last_status < 0.1 and report.step < report.steps_per_epoch:
+                return  # a human rate: fast runs yield hundreds of steps a second
+            self._last_status = now
+            self.progress.setValue(min(self.progress.maximum(), done_steps))
+            self.status.setText(
+                f"Epoch {report.epoch + 1}/{report.epochs}, step {report.step}/"
+                f"{report.steps_per_epoch}: loss {report.loss:.2f} "
+                f"({report.images_per_s:.0f} cells/s on {self._run_desc})"
+            )
+        elif report.kind == "epoch":
+            self.progress.setValue(min(self.progress.maximum(), done_steps))
+            self.loss_plot.add_epoch(report.epoch, report.loss)
+            if report.preview is not None and self._preview is not None:
+                pairs = np.stack(
+                    [x for pair in zip(self._preview, report.preview, strict=True) for x in pair]
+                )
+                show_image(
+                    self.viewer,
+                    TRAIN_RECON_LAYER,
+                    to_tiles(pairs, ncols=min(8, len(pairs))),
+                    anchor=self.session.image_layer,
+                    metadata={"epoch": report.epoch, "layout": "target | reconstruction"},
+                )
+            self.status.setText(
+                f"Epoch {report.epoch}/{report.epochs}: mean loss {report.loss:.2f}"
+            )
+        elif report.kind == "end":
+            self.progress.setValue(self.progress.maximum())
+            ckpt = f" Checkpoint: {report.checkpoint}" if report.checkpoint else ""
+            self.info(f"ME-VAE {report.message}.{ckpt}")
+
+    def _on_returned(self, checkpoint: str) -> None:
+        self._keep(checkpoint, "trained here", self._run_type)
+
+    def _on_error(self, err: Exception) -> None:
+        self.error(f"Training failed: {err}")
+        last = Path(self._run_dir) / "models" / "checkpoint.pt"
+        if self._run_dir and last.is_file():  # what the last finished epoch saved
+            self._keep(str(last), "the last epoch saved before the failure", self._run_type)
+
+    def _on_finished(self) -> None:
+        self._worker = None
+        self.run = None
+        self.train_btn.setEnabled(True)
+        self.stop_btn.setEnabled(False)
+        self.load_btn.setEnabled(True)
+        self.session.set_training(False)
+        self._describe_model()
+
+    def _keep(self, path: str, source: str, model_type: str = "") -> bool:
+        """Make the checkpoint at ``path`` the session's model."""
+        from ..checkpoints import load_checkpoint
+        from ..training import select_device
+
+        s = self.session
+        try:
+            ckpt = load_checkpoint(path)
+            model = ckpt.build_model(select_device(self.device.currentText()))
+        except (CheckpointError, ValueError) as err:
+            self.error(f"Cannot load {Path(path).name}: {err}")
+            return False
+        s.model = model
+        s.checkpoint_path = str(ckpt.path)
+        s.history = list(ckpt.history)
+        s.optimizer_state = ckpt.optimizer_state
+        s.model_source = source
+        s.model_type = model_type or model_kind(ckpt.config)
+        s.clear_results()
+        s.model_changed.emit()
+        return True
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save_checkpoint(self, path: str | Path | None = None) -> Path | None:
+        """Write the current model (weights, config, history and the crop settings)."""
+        s = self.session
+        if s.model is None:
+            self.error("No model to save: train or load one first.")
+            return None
+        if path is None:
+            path, _ = QFileDialog.getSaveFileName(
+                self, "Save ME-VAE checkpoint", "mevae_checkpoint.pt", "Checkpoints (*.pt)"
+            )
+            if not path:
+                return None
+        from ..checkpoints import save_checkpoint
+
+        extra: dict[str, Any] = {"source": "napari-mevae widget", "model_type": s.model_type}
+        if s.settings is not None:
+            extra["cells"] = s.settings.to_dict()
+        done = len([h for h in s.history if not h.get("partial")])
+        try:
+            out = save_checkpoint(
+                Path(path),
+                s.model,
+                epoch=done,
+                history=s.history,
+                extra=extra,
+                optimizer_state=s.optimizer_state,
+            )
+        except OSError as err:
+            self.error(f"Cannot save the checkpoint: {err}")
+            return None
+        s.checkpoint_path = str(out)
+        self.info(f"Checkpoint saved: {out}")
+        return out
+
+    def load_checkpoint(self, path: str | Path | None = None) -> bool:
+        """Load a checkpoint as the current model.  Refused (model and layers untouched) when it
+        does not fit the extracted cells."""
+        if self.busy:
+            self.error("Stop the training before loading a checkpoint.")
+            return False
+        if path is None:
+            path, _ = QFileDialog.getOpenFileName(
+                self, "Load ME-VAE checkpoint", "", "Checkpoints (*.pt);;All files (*)"
+            )
+            if not path:
+                return False
+        from ..checkpoints import check_compatible, load_checkpoint
+
+        crops = self.session.crops
+        try:
+            ckpt = load_checkpoint(path)
+            if crops is not None:
+                check_compatible(
+                    ckpt.config, crops.shape[-1], crops.shape[1], ckpt.config.n_encoders
+                )
+        except (CheckpointError, ValueError) as err:
+            self.error(f"Cannot load {Path(path).name}: {err}")
+            return False
+        model_type = str(ckpt.extra.get("model_type", ""))
+        if model_type not in MODEL_KINDS:
+            model_type = model_kind(ckpt.config)
+        self._apply_config(ckpt.config, model_type)
+        if not self._keep(str(path), f"loaded from {Path(path).name}", model_type):
+            return False
+        self.loss_plot.set_history(self.session.history)
+        self.info(f"Model loaded from {ckpt.path}")
+        return True
+
+    def _apply_config(self, cfg: Any, model_type: str) -> None:
+        """Show a loaded model's settings so 'train more' continues it as it was."""
+        self.latent.setValue(cfg.latent_dim)
+        self.type_combo.setCurrentText(model_type)
+        if model_type == "beta-VAE":
+            self.beta.setValue(cfg.beta / size_scaled_beta(1.0, cfg.image_size))
+        if cfg.nuisances:
+            self._set_nuisances(list(cfg.nuisances))
