@@ -1,0 +1,114 @@
+"""The one pipeline (workflow.py): the README's Python API runs as written, the KL-weight rule,
+training.log, resuming a checkpoint, and the dims-in-use line every front end prints."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from napari_mevae import workflow
+from napari_mevae.config import InputError, TrainOptions, kl_weight
+from napari_mevae.synthetic import make_synthetic_cells
+
+
+def test_readme_python_api_example_runs(tmp_path, monkeypatch):
+    text = (REPO / "README.md").read_text()
+    code = re.search(r"<!-- api-example -->\n```python\n(.*?)```", text, re.S).group(1)
+    syn = make_synthetic_cells(n_cells=24, shape=(320, 320), channels=2, seed=0)
+    monkeypatch.chdir(tmp_path)
+    scope = {"image": syn.image, "labels": syn.labels, "print": lambda *a: None}
+    exec(compile(code.replace("epochs=20", "epochs=2"), "README.md", "exec"), scope)
+    table, cells = scope["table"], scope["cells"]
+    assert len(table) == len(cells.crops) > 10
+    assert {"label", "cluster", "z0", "z15", "UMAP0", "UMAP1"} <= set(table.columns)
+    assert set(table["cluster"]) <= {1, 2, 3, 4}
+    log = (tmp_path / "run" / "training.log").read_text().splitlines()
+    assert log[0] == "epoch\tloss" and len(log) == 3
+    assert (tmp_path / "run" / "models" / "checkpoint.pt").is_file()
+
+
+def test_build_config_applies_the_one_kl_rule():
+    cfg = workflow.build_config("mevae", image_size=32, channels=2, nuisances=["rotation"])
+    assert (cfg.n_encoders, cfg.beta, cfg.nuisances) == (1, 0.0625, ["rotation"])
+    cfg = workflow.build_config(
+        "mevae", image_size=64, channels=1, nuisances=["rotation", "polarity", "scale"]
+    )
+    assert cfg.n_encoders == 3 and cfg.beta == 0.25 == kl_weight("mevae", 64)
+    assert workflow.build_config("betavae", image_size=32, channels=1).beta == 0.25
+    assert workflow.build_config("betavae", image_size=32, channels=1, beta_factor=2).beta == 0.125
+    vae = workflow.build_config("vae", image_size=128, channels=1, nuisances=["rotation"])
+    assert (vae.n_encoders, vae.beta) == (1, 1.0)  # the reference's balance at 128 px
+    exact = workflow.build_config(
+        "mevae", image_size=32, channels=1, nuisances=["rotation"], beta=1
+    )
+    assert exact.beta == 1.0  # an explicit beta keeps its exact meaning
+    with pytest.raises(InputError, match="at least one nuisance"):
+        workflow.build_config("mevae", image_size=32, channels=1, nuisances=[])
+
+
+def _crops(n: int = 24) -> np.ndarray:
+    from napari_mevae.synthetic import synthetic_crops
+
+    return synthetic_crops(n, 32, seed=0)[0]
+
+
+def test_train_on_crops_writes_the_log_and_resumes_it(tmp_path):
+    crops = _crops()
+    cfg = workflow.build_config(
+        "mevae", image_size=32, channels=1, nuisances=["rotation", "polarity"], latent_dim=4
+    )
+    opts = TrainOptions(epochs=2, batch_size=8, seed=0, device="cpu", save_dir=tmp_path)
+    gen = workflow.train_on_crops(crops, cfg, opts, preview=crops[:3])
+    reports = []
+    while True:
+        try:
+            reports.append(next(gen))
+        except StopIteration as done:
+            path = done.value
+            break
+    assert reports[0].kind == "start" and reports[0].steps_per_epoch == 3
+    assert reports[0].message in ("cpu, float32", "cpu, bf16")
+    epochs = [r for r in reports if r.kind == "epoch"]
+    assert len(epochs) == 2 and epochs[0].preview.shape == (3, 1, 32, 32)
+    assert reports[-1].kind == "end" and path == str(tmp_path / "models" / "checkpoint.pt")
+    log = (tmp_path / "training.log").read_text().splitlines()
+    assert log[0] == "epoch\tloss" and [r.split("\t")[0] for r in log[1:]] == ["0", "1"]
+    assert float(log[1].split("\t")[1]) == pytest.approx(epochs[0].loss, abs=1e-5)
+    # train more: the checkpoint resumes at epoch 2 and the log goes on
+    more = TrainOptions(epochs=1, batch_size=8, seed=0, device="cpu", save_dir=tmp_path)
+    reports = list(workflow.train_on_crops(crops, cfg, more, resume=path))
+    assert reports[0].epoch == 2 and [r.epoch for r in reports if r.kind == "epoch"] == [3]
+    log = (tmp_path / "training.log").read_text().splitlines()
+    assert [r.split("\t")[0] for r in log[1:]] == ["0", "1", "2"]
+
+
+def test_should_stop_ends_training_after_the_step(tmp_path):
+    cfg = workflow.build_config("mevae", image_size=32, channels=1, nuisances=["rotation"])
+    opts = TrainOptions(epochs=50, batch_size=4, seed=0, device="cpu", save_dir=tmp_path)
+    steps = []
+    gen = workflow.train_on_crops(_crops(), cfg, opts, should_stop=lambda: len(steps) >= 3)
+    for report in gen:
+        if report.kind == "step":
+            steps.append(report)
+    assert len(steps) == 3
+    assert report.kind == "end" and report.reason == "stopped"
+
+
+def test_dims_in_use_says_what_to_change():
+    import torch
+
+    from napari_mevae.config import preset
+    from napari_mevae.model import MEVAE
+
+    model = MEVAE(preset("tiny", image_size=32))
+    assert "not measured" in workflow.dims_in_use(model)
+    model.latent_variance.copy_(torch.tensor([0.5, 0.2] + [0.0] * 6))
+    assert workflow.dims_in_use(model).startswith("latent dimensions in use: 2 of 8")
+    model.latent_variance.zero_()
+    model.config.beta = 1.0  # 16x the balanced weight at 32 px
+    assert "--beta 0.0625 (the default)" in workflow.dims_in_use(model)
+    model.config.beta = 0.0625
+    assert "--kl_warmup" in workflow.dims_in_use(model)
