@@ -4,14 +4,16 @@ training.log, resuming a checkpoint, and the dims-in-use line every front end pr
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import REPO
 from napari_mevae import workflow
 from napari_mevae.config import InputError, TrainOptions, kl_weight
 from napari_mevae.synthetic import make_synthetic_cells
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_readme_python_api_example_runs(tmp_path, monkeypatch):

@@ -117,6 +117,14 @@ class Trainer:
 
     Datasets with a ``set_epoch(epoch)`` method get it called each epoch, so on-the-fly
     nuisance datasets redraw fresh transforms every epoch, reproducibly.
+
+    Parameters
+    ----------
+    model : a config (a new model, seeded by ``options.seed``) or a model to train further.
+    dataset : the training pairs (:func:`napari_mevae.workflow.training_dataset`).
+    options : how to train (:class:`~napari_mevae.config.TrainOptions`).
+    resume : a checkpoint of the same architecture: its weights, optimizer state, epoch count
+        and history are continued.
     """
 
     def __init__(

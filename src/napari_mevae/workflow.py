@@ -70,11 +70,18 @@ def build_config(
 ) -> MEVAEConfig:
     """The model config from a user's choices, by the same rules everywhere.
 
-    ``model``: ``mevae``, ``vae`` or ``betavae``.  An ME-VAE has one encoder per nuisance
-    (or ``n_encoders``, e.g. one per input folder); the baselines have one.  The KL weight is
-    :func:`napari_mevae.config.kl_weight`: ``beta`` exactly when given, otherwise the
-    reference's balance at this crop size (``beta_factor`` is the beta-VAE's weight relative to
-    the VAE's).  ``arch``: any other :class:`MEVAEConfig` field (latent_dim, inter_dim...)."""
+    Parameters
+    ----------
+    model : ``"mevae"``, ``"vae"`` or ``"betavae"``.
+    image_size, channels : the crops' side and channel count.
+    nuisances : what the encoders remove, one encoder each for an ME-VAE (for the baselines,
+        the augmentations); stored in the config.
+    n_encoders : K when it is not the number of nuisances (one per input folder).
+    beta : the KL weight, exactly (:func:`napari_mevae.config.kl_weight`); default: the
+        reference's balance at this crop size.
+    beta_factor : the beta-VAE's weight relative to the VAE's (default 4).
+    **arch : any other :class:`MEVAEConfig` field (latent_dim, inter_dim, nlayers...).
+    """
     if model == "mevae":
         k = len(nuisances) if n_encoders is None else n_encoders
         if k < 1:
@@ -216,8 +223,19 @@ def load_train_data(
     lazy: bool = False,
     seed: int = 0,
 ) -> TrainData:
-    """Canonical ``targets`` (fresh nuisances every epoch), or the reference's pair folders
-    (``input_dirs``, one per encoder, and ``target_dir``)."""
+    """What a run on files trains on and writes out.
+
+    Parameters
+    ----------
+    model : ``"mevae"``, ``"vae"`` or ``"betavae"``.
+    image_size, channels : what every image is read as (resized when it differs).
+    targets : a folder of canonical crops or a ``.npy`` crops file: the encoder inputs are made
+        from it with ``nuisances`` drawn fresh every epoch.
+    input_dirs, target_dir : instead of ``targets``, the reference's pair folders (one input
+        folder per encoder, the target folder); a baseline reads the first input folder only.
+    lazy : read images as needed instead of loading them all.
+    seed : of the nuisance draws.
+    """
     from .folders import FolderPairs
 
     baseline = model != "mevae"

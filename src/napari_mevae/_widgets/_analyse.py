@@ -23,8 +23,8 @@ from qtpy.QtWidgets import (
 
 from .. import workflow
 from ..config import CheckpointError
-from ._host import MEVAEWidget, Panel, button
 from ._layers import show_image, show_labels, to_tiles
+from ._panel import Host, Panel, button
 from ._plots import ScatterPlot
 
 __all__ = ["TRAVERSAL_LAYER", "AnalysePanel"]
@@ -37,7 +37,7 @@ _RESULT_COLUMNS = ("index", "label", "plane", "centroid_y", "centroid_x", "clust
 class AnalysePanel(Panel):
     """Encode, UMAP + cluster, results into the labels layer, clickable scatter, traversal."""
 
-    def __init__(self, host: MEVAEWidget) -> None:
+    def __init__(self, host: Host) -> None:
         super().__init__(host)
         self.encode_btn = button("Encode cells", self.encode, "latent features of every cell")
         self.method = QComboBox()
@@ -279,7 +279,7 @@ class AnalysePanel(Panel):
         if s.model is None:
             self.error("Train or load a model first (Model tab).")
             return None
-        if self.host.model_panel.busy:
+        if s.training:
             self.error("Wait for the training to end (or stop it) first.")
             return None
         from ..analysis import latent_traversal

@@ -22,8 +22,8 @@ from qtpy.QtWidgets import (
 
 from .. import workflow
 from ..config import NORMALIZATIONS, CropSettings
-from ._host import MEVAEWidget, Panel, button
 from ._layers import LayerCombo, infer_layout, layer_array, show_image, to_tiles
+from ._panel import Host, Panel, button
 
 __all__ = ["PAIRS_LAYER", "CellsPanel"]
 
@@ -36,7 +36,7 @@ class CellsPanel(Panel):
 
     extract_progress = Signal(int, int)  # emitted from the extraction thread (queued to GUI)
 
-    def __init__(self, host: MEVAEWidget) -> None:
+    def __init__(self, host: Host) -> None:
         super().__init__(host)
         self.image_combo = LayerCombo(self.viewer, Image)
         self.labels_combo = LayerCombo(self.viewer, Labels)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from qtpy.QtWidgets import QFileDialog, QLabel, QVBoxLayout
 
-from ._host import MEVAEWidget, Panel, button
+from ._panel import Host, Panel, button
 
 __all__ = ["ExportPanel"]
 
@@ -15,7 +15,7 @@ __all__ = ["ExportPanel"]
 class ExportPanel(Panel):
     """Write the features table (CSV) and the cluster label image (TIFF)."""
 
-    def __init__(self, host: MEVAEWidget) -> None:
+    def __init__(self, host: Host) -> None:
         super().__init__(host)
         self.csv_btn = button("Save features CSV...", self.export_csv)
         self.tiff_btn = button("Save cluster labels TIFF...", self.export_clusters_tiff)

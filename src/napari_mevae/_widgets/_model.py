@@ -38,8 +38,8 @@ from ..config import (
     model_kind,
     size_scaled_beta,
 )
-from ._host import MEVAEWidget, Panel, button
 from ._layers import show_image, to_tiles
+from ._panel import Host, Panel, button
 from ._plots import LossPlot
 
 __all__ = ["TRAIN_RECON_LAYER", "ModelPanel"]
@@ -57,7 +57,7 @@ def _stream(run: ChildRun) -> Any:
 class ModelPanel(Panel):
     """Model choice, training in a background process with a live loss curve, stop, save/load."""
 
-    def __init__(self, host: MEVAEWidget) -> None:
+    def __init__(self, host: Host) -> None:
         super().__init__(host)
         self.type_combo = QComboBox()
         self.type_combo.addItems(list(MODEL_KINDS))

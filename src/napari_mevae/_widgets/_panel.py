@@ -1,0 +1,107 @@
+"""What the tabs share: the :class:`Session` (cells, nuisances, model, results, announced by
+signals) and the :class:`Panel` base class.  A tab never reads another tab's widgets."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+from napari.layers import Image, Labels
+from qtpy.QtCore import QObject, Signal
+from qtpy.QtWidgets import QPushButton, QWidget
+
+from ..config import CropSettings
+
+__all__ = ["Host", "Panel", "Session", "button"]
+
+
+class Session(QObject):
+    """What the tabs share: the cells, the nuisances to remove, the model and the results."""
+
+    cells_changed = Signal()
+    nuisances_changed = Signal()
+    model_changed = Signal()
+    results_changed = Signal()
+    training_changed = Signal()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.image_layer: Image | None = None
+        self.labels_layer: Labels | None = None
+        self.cells: Any = None  # cells.CellCrops
+        self.settings: CropSettings | None = None
+        self.nuisances: list[str] = ["rotation", "polarity"]  # the Model tab's choice
+        self.training = False  # a training run is going on
+        self.model: Any = None  # model.MEVAE
+        self.checkpoint_path: str | None = None  # the current model's checkpoint file
+        self.model_source = ""
+        self.model_type = ""  # "ME-VAE", "VAE" or "beta-VAE"
+        self.history: list[dict[str, Any]] = []
+        self.optimizer_state: dict[str, Any] | None = None
+        self.latents: np.ndarray | None = None
+        self.recon: np.ndarray | None = None
+        self.embedding: np.ndarray | None = None
+        self.clusters: np.ndarray | None = None
+        self.table: pd.DataFrame | None = None
+        self.clusters_layer: Labels | None = None
+        self.selected_row: int | None = None
+
+    @property
+    def crops(self) -> np.ndarray | None:
+        return None if self.cells is None else np.asarray(self.cells.crops)
+
+    def set_nuisances(self, names: list[str]) -> None:
+        if list(names) != self.nuisances:
+            self.nuisances = list(names)
+            self.nuisances_changed.emit()
+
+    def set_training(self, on: bool) -> None:
+        self.training = on
+        self.training_changed.emit()
+
+    def clear_results(self) -> None:
+        self.latents = self.recon = self.embedding = self.clusters = None
+        self.table = None
+        self.selected_row = None
+
+
+class Host(Protocol):
+    """What a tab sees of the dock it lives in (``_host.MEVAEWidget``)."""
+
+    viewer: Any
+    session: Session
+
+    def error(self, msg: str) -> None: ...
+
+    def info(self, msg: str) -> None: ...
+
+
+class Panel(QWidget):
+    """Base of the tabs: the viewer, the shared session and the host's status line."""
+
+    def __init__(self, host: Host) -> None:
+        super().__init__()
+        self.host = host
+        self.viewer = host.viewer
+        self.session = host.session
+        self._worker: Any = None
+
+    @property
+    def busy(self) -> bool:
+        """Whether this tab's worker is still running."""
+        return self._worker is not None
+
+    def error(self, msg: str) -> None:
+        self.host.error(msg)
+
+    def info(self, msg: str) -> None:
+        self.host.info(msg)
+
+
+def button(text: str, slot: Any, tip: str = "") -> QPushButton:
+    b = QPushButton(text)
+    b.clicked.connect(lambda *_: slot())
+    if tip:
+        b.setToolTip(tip)
+    return b
