@@ -1,11 +1,13 @@
 """The Fig. 2 script's bookkeeping: results measured by an older report are re-measured with
 the current one (same draws), and the tables show every content measure.  The published
-numbers in docs/benchmarks.md rest on this path (``fig2.py --reuse``)."""
+numbers in docs/benchmarks.md rest on this path (``fig2.py --reuse``).  Then the diagnostics
+(benchmarks/diagnostics/) and the training throughput benchmark."""
 
 from __future__ import annotations
 
 import json
 import sys
+from importlib import import_module
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +21,11 @@ from napari_mevae.folders import FolderTargets, write_image
 from napari_mevae.model import MEVAE
 from napari_mevae.synthetic import synthetic_crops
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-fig2 = pytest.importorskip("fig2")
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+sys.path.insert(0, str(BENCHMARKS / "diagnostics"))
+# imported, not importorskip'd: a script that moved or broke must fail here, not be skipped
+fig2 = import_module("fig2")
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +78,8 @@ def test_tables_show_both_content_measures(run_and_test):
         assert neighbours == f"{same} / {paired}"
 
 
-feature_scale = pytest.importorskip("feature_scale")
-dims_in_use = pytest.importorskip("dims_in_use")
+feature_scale = import_module("feature_scale")
+dims_in_use = import_module("dims_in_use")
 
 
 def test_signed_root_undoes_a_product_and_keeps_the_sign():
@@ -149,7 +154,7 @@ def test_feature_scale_prints_one_row_per_run(run_and_test, monkeypatch, capsys)
     assert cells[0] == str(run) and cells[1:3] == ["2", "3"]
 
 
-bench_training = pytest.importorskip("bench_training")
+bench_training = import_module("bench_training")
 
 
 def test_training_benchmark_runs_end_to_end_on_a_tiny_configuration(capsys):

@@ -1,13 +1,13 @@
 """How much of the linear probe's verdict is the product's heavy tails?  Diagnosis for
 docs/benchmarks.md ("Content kept").
 
-    python benchmarks/feature_scale.py --train train/OutputImages --test test/OutputImages RUN/ ...
+    python benchmarks/diagnostics/feature_scale.py --train train/OutputImages --test test/OutputImages RUN/ ...
 
 A multi-encoder model's features are the product of K encoder means, so each dimension is
 distributed like a product of K roughly normal numbers: heavy-tailed, a few cells far out.
 A linear probe that standardises every dimension is then fitted mostly to those few cells.
 For each run this prints, in the paired protocol and with the same draws as
-``analysis.invariance_report``:
+``evaluation.invariance_report``:
 
 - the dimensions in use and the largest |skewness| among them;
 - content kept (linear probe and by neighbours), rotation and polarity leakage, each read
@@ -21,8 +21,7 @@ One-encoder models (VAE, beta-VAE) are their own root; for them both columns agr
 from __future__ import annotations
 
 import numpy as np
-
-from dims_in_use import measured_model, parse_runs  # benchmarks/ is on sys.path as a script
+from dims_in_use import measured_model, parse_runs  # this folder is on sys.path as a script
 
 PAIRED = ("content", "neighbours", "rotation", "polarity")
 DESCRIPTORS = ("intensity", "area", "radius", "elongation", "spread")

@@ -1,6 +1,6 @@
 """Invariance of checkpoints trained before the trainer measured the latent dimensions in use.
 
-    python benchmarks/dims_in_use.py --train train/OutputImages --test test/OutputImages RUN/ ...
+    python benchmarks/diagnostics/dims_in_use.py --train train/OutputImages --test test/OutputImages RUN/ ...
 
 Since the trainer records each fused dimension's variance during the last epoch
 (``MEVAE.latent_variance``), encodings set the unused ones (variance < 0.01) to 0.  Older
