@@ -16,7 +16,7 @@ import torch
 
 from napari_mevae.checkpoints import load_checkpoint, save_checkpoint
 from napari_mevae.config import preset
-from napari_mevae.evaluation import invariance_report
+from napari_mevae.evaluation import angle_leakage, discrete_leakage, invariance_report
 from napari_mevae.folders import FolderTargets, write_image
 from napari_mevae.model import MEVAE
 from napari_mevae.synthetic import synthetic_crops
@@ -139,6 +139,44 @@ def test_measured_model_measures_dims_of_old_checkpoints(tmp_path, run_and_test)
     run, _ = run_and_test
     kept = dims_in_use.measured_model(str(run), crops, seed=0)
     assert kept.latent_variance[:3].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_dims_in_use_reads_the_reports_features_and_probes_the_axis(run_and_test):
+    """``report_features`` must be what invariance_report probes (same draws: its leakage keys
+    come out exactly); the axis columns are that rotation probe on twice the angle."""
+    run, test = run_and_test
+    model = load_checkpoint(run).build_model("cpu").eval()
+    crops = np.asarray(FolderTargets(test / "OutputImages", 32, 1).array)
+    rep = invariance_report(model, crops, seed=0)
+    feats = dims_in_use.report_features(model, crops, seed=0)
+    assert set(feats) == {"rotation", "polarity", "paired_rotation", "paired_polarity"}
+    for key, (z, truth) in feats.items():
+        assert (z[:, 3:] == 0).all()  # the features as exported: unused dimensions 0
+        probe = angle_leakage if key.endswith("rotation") else discrete_leakage
+        assert probe(z, truth, seed=0) == pytest.approx(rep[f"{key}_leakage"], abs=1e-12), key
+    axis = dims_in_use.axis_leakage(model, crops, seed=0)
+    assert axis == {
+        "axis_leakage": angle_leakage(*feats["rotation"], seed=0, harmonic=2),
+        "paired_axis_leakage": angle_leakage(*feats["paired_rotation"], seed=0, harmonic=2),
+    }
+    torch.manual_seed(3)
+    unknown = MEVAE(preset("tiny", n_encoders=3)).eval()  # pair folders: nuisances unknown
+    assert set(dims_in_use.axis_leakage(unknown, crops, seed=0)) == {"axis_leakage"}
+
+
+def test_dims_in_use_prints_one_row_per_run(run_and_test, monkeypatch, capsys):
+    run, test = run_and_test
+    argv = ["dims_in_use.py", "--train", str(test / "OutputImages")]
+    argv += ["--test", str(test / "OutputImages"), str(run), str(run)]
+    monkeypatch.setattr(sys, "argv", argv)
+    dims_in_use.main()
+    header, rule, *rows = capsys.readouterr().out.strip().splitlines()
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert columns == ["run", *dims_in_use.KEYS, *dims_in_use.AXIS_KEYS]
+    assert len(rows) == 2 and rule.count("|") == rows[0].count("|") == header.count("|")
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[0] == str(run) and cells[1] == "3.000"  # model_active_dims
+    assert all(c != "nan" for c in cells)
 
 
 def test_feature_scale_prints_one_row_per_run(run_and_test, monkeypatch, capsys):
