@@ -54,9 +54,10 @@ def test_refresh_report_remeasures_old_results_with_the_same_draws(run_and_test)
     assert rep["s_per_epoch"] == 1.5 and rep["wall_s"] == 20.0  # timings kept
     assert rep["model_active_dims"] == 3
     assert json.loads((run / "fig2_result.json").read_text()) == rep  # written back
-    # results that already carry the newest key are returned as they are, not re-measured
-    current = {**rep, "content_kept": -1.0}
-    assert fig2.refresh_report(run, test, current, seed=0)["content_kept"] == -1.0
+    # results that already carry the newest key are returned as they are, not re-measured,
+    # also when they hold keys the report has dropped since
+    current = {**rep, "content_kept": -1.0, "rotation_leakage_2x": 0.5}
+    assert fig2.refresh_report(run, test, dict(current), seed=0) == current
 
 
 def test_tables_show_both_content_measures(run_and_test):
