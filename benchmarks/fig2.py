@@ -201,10 +201,11 @@ def lincs(a: argparse.Namespace, work: Path) -> dict[str, dict]:
 
 
 def refresh_report(run: Path, test: Path, rep: dict, seed: int) -> dict:
-    """Results written before ``invariance_report`` had its current keys: measure the
-    checkpoint again with the current report (same draws, so the older keys come out the
-    same) and keep its keys.  A checkpoint from before training measured the dimensions in use
-    reports all of them as used."""
+    """Results written before ``invariance_report`` had its newest key: measure the checkpoint
+    again with the current report (same draws, so the older keys come out the same) and keep
+    its keys.  Results that have the newest key are returned as they are, also when they carry
+    keys the report has dropped since (the tables do not read those).  A checkpoint from before
+    training measured the dimensions in use reports all of them as used."""
     from napari_mevae.checkpoints import load_checkpoint
     from napari_mevae.evaluation import invariance_report
     from napari_mevae.folders import FolderTargets
@@ -417,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         f"measure Image_{a.n_train}..{a.n_train + a.n_test - 1}. s/epoch: trainer = training "
         "loop only (cells / the trainer's images/s, median over epochs); wall = the whole "
         "`mevae train` command (reading the images, training, writing every output) / epochs. "
-        "Leakage and content kept are measured two ways (`analysis.invariance_report`): "
+        "Leakage and content kept are measured two ways (`evaluation.invariance_report`): "
         "**same** = every encoder sees the same rotated (or flipped) cell, as when one image of "
         "a cell is analysed; **paired** = each encoder sees the cell under its own freshly "
         "drawn nuisance, as in training and in the reference's InputImages1/2 (the paper's "

@@ -1,11 +1,13 @@
 """The Fig. 2 script's bookkeeping: results measured by an older report are re-measured with
 the current one (same draws), and the tables show every content measure.  The published
-numbers in docs/benchmarks.md rest on this path (``fig2.py --reuse``)."""
+numbers in docs/benchmarks.md rest on this path (``fig2.py --reuse``).  Then the diagnostics
+(benchmarks/diagnostics/) and the training throughput benchmark."""
 
 from __future__ import annotations
 
 import json
 import sys
+from importlib import import_module
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +16,16 @@ import torch
 
 from napari_mevae.checkpoints import load_checkpoint, save_checkpoint
 from napari_mevae.config import preset
-from napari_mevae.evaluation import invariance_report
+from napari_mevae.evaluation import angle_leakage, discrete_leakage, invariance_report
 from napari_mevae.folders import FolderTargets, write_image
 from napari_mevae.model import MEVAE
 from napari_mevae.synthetic import synthetic_crops
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-fig2 = pytest.importorskip("fig2")
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+sys.path.insert(0, str(BENCHMARKS / "diagnostics"))
+# imported, not importorskip'd: a script that moved or broke must fail here, not be skipped
+fig2 = import_module("fig2")
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +54,10 @@ def test_refresh_report_remeasures_old_results_with_the_same_draws(run_and_test)
     assert rep["s_per_epoch"] == 1.5 and rep["wall_s"] == 20.0  # timings kept
     assert rep["model_active_dims"] == 3
     assert json.loads((run / "fig2_result.json").read_text()) == rep  # written back
-    # results that already carry the newest key are returned as they are, not re-measured
-    current = {**rep, "content_kept": -1.0}
-    assert fig2.refresh_report(run, test, current, seed=0)["content_kept"] == -1.0
+    # results that already carry the newest key are returned as they are, not re-measured,
+    # also when they hold keys the report has dropped since
+    current = {**rep, "content_kept": -1.0, "rotation_leakage_2x": 0.5}
+    assert fig2.refresh_report(run, test, dict(current), seed=0) == current
 
 
 def test_tables_show_both_content_measures(run_and_test):
@@ -73,8 +79,8 @@ def test_tables_show_both_content_measures(run_and_test):
         assert neighbours == f"{same} / {paired}"
 
 
-feature_scale = pytest.importorskip("feature_scale")
-dims_in_use = pytest.importorskip("dims_in_use")
+feature_scale = import_module("feature_scale")
+dims_in_use = import_module("dims_in_use")
 
 
 def test_signed_root_undoes_a_product_and_keeps_the_sign():
@@ -136,6 +142,44 @@ def test_measured_model_measures_dims_of_old_checkpoints(tmp_path, run_and_test)
     assert kept.latent_variance[:3].tolist() == [1.0, 1.0, 1.0]
 
 
+def test_dims_in_use_reads_the_reports_features_and_probes_the_axis(run_and_test):
+    """``report_features`` must be what invariance_report probes (same draws: its leakage keys
+    come out exactly); the axis columns are that rotation probe on twice the angle."""
+    run, test = run_and_test
+    model = load_checkpoint(run).build_model("cpu").eval()
+    crops = np.asarray(FolderTargets(test / "OutputImages", 32, 1).array)
+    rep = invariance_report(model, crops, seed=0)
+    feats = dims_in_use.report_features(model, crops, seed=0)
+    assert set(feats) == {"rotation", "polarity", "paired_rotation", "paired_polarity"}
+    for key, (z, truth) in feats.items():
+        assert (z[:, 3:] == 0).all()  # the features as exported: unused dimensions 0
+        probe = angle_leakage if key.endswith("rotation") else discrete_leakage
+        assert probe(z, truth, seed=0) == pytest.approx(rep[f"{key}_leakage"], abs=1e-12), key
+    axis = dims_in_use.axis_leakage(model, crops, seed=0)
+    assert axis == {
+        "axis_leakage": angle_leakage(*feats["rotation"], seed=0, harmonic=2),
+        "paired_axis_leakage": angle_leakage(*feats["paired_rotation"], seed=0, harmonic=2),
+    }
+    torch.manual_seed(3)
+    unknown = MEVAE(preset("tiny", n_encoders=3)).eval()  # pair folders: nuisances unknown
+    assert set(dims_in_use.axis_leakage(unknown, crops, seed=0)) == {"axis_leakage"}
+
+
+def test_dims_in_use_prints_one_row_per_run(run_and_test, monkeypatch, capsys):
+    run, test = run_and_test
+    argv = ["dims_in_use.py", "--train", str(test / "OutputImages")]
+    argv += ["--test", str(test / "OutputImages"), str(run), str(run)]
+    monkeypatch.setattr(sys, "argv", argv)
+    dims_in_use.main()
+    header, rule, *rows = capsys.readouterr().out.strip().splitlines()
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert columns == ["run", *dims_in_use.KEYS, *dims_in_use.AXIS_KEYS]
+    assert len(rows) == 2 and rule.count("|") == rows[0].count("|") == header.count("|")
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[0] == str(run) and cells[1] == "3.000"  # model_active_dims
+    assert all(c != "nan" for c in cells)
+
+
 def test_feature_scale_prints_one_row_per_run(run_and_test, monkeypatch, capsys):
     run, test = run_and_test
     argv = ["feature_scale.py", "--train", str(test / "OutputImages")]
@@ -149,7 +193,7 @@ def test_feature_scale_prints_one_row_per_run(run_and_test, monkeypatch, capsys)
     assert cells[0] == str(run) and cells[1:3] == ["2", "3"]
 
 
-bench_training = pytest.importorskip("bench_training")
+bench_training = import_module("bench_training")
 
 
 def test_training_benchmark_runs_end_to_end_on_a_tiny_configuration(capsys):

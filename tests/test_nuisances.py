@@ -1,4 +1,4 @@
-"""Nuisances, on-the-fly pairs and the reference folder layout."""
+"""Nuisances and on-the-fly pairs.  Writing and reading pair folders: test_folders.py."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from napari_mevae.folders import export_pairs, read_pairs
 from napari_mevae.nuisances import (
     NUISANCES,
     NuisanceAutoencode,
@@ -173,34 +172,6 @@ def test_draw_and_apply(crops):
     flipped, codes = draw_and_apply(crops, "polarity", np.random.default_rng(0))
     assert set(codes.tolist()) <= {0, 1, 2, 3}
     np.testing.assert_allclose(flipped[codes == 0], crops[codes == 0])
-
-
-@pytest.mark.parametrize("channels", [1, 3])
-def test_export_read_round_trip(tmp_path, channels):
-    targets = synthetic_crops(n=5, size=32, channels=channels, seed=0)[0]
-    files = export_pairs(targets, tmp_path, ("rotation", "polarity"), seed=4)
-    assert [f.name for f in files] == [f"Image_{i}.tif" for i in range(5)]
-    for k in (1, 2):
-        assert (tmp_path / f"InputImages{k}" / "train" / "Image_4.tif").is_file()
-    inputs, back, names = read_pairs(tmp_path)
-    assert names == [f"Image_{i}" for i in range(5)]
-    assert len(inputs) == 2 and back.shape == targets.shape
-    np.testing.assert_allclose(back, targets, atol=0.5 / 255 + 1e-6)
-    ds = NuisancePairs(targets, ("rotation", "polarity"), seed=4)
-    for i in range(5):
-        for k in range(2):
-            np.testing.assert_allclose(inputs[k][i], ds[i][0][k].numpy(), atol=0.5 / 255 + 1e-6)
-
-
-def test_export_names_and_missing_folders(tmp_path):
-    targets = synthetic_crops(n=3, size=16, seed=0)[0]
-    export_pairs(targets, tmp_path / "a", "polarity", names=["c", "a", "b"])
-    _, _, names = read_pairs(tmp_path / "a")
-    assert names == ["a", "b", "c"]
-    with pytest.raises(ValueError, match="unique"):
-        export_pairs(targets, tmp_path / "b", names=["x", "x", "y"])
-    with pytest.raises(FileNotFoundError, match="InputImages1"):
-        read_pairs(tmp_path / "missing")
 
 
 def test_pose_is_rotation_with_optional_mirror(crops):

@@ -1,4 +1,5 @@
-"""FusedRMSprop: torch's RMSprop update, state and fallbacks, in one fused loop on CPU."""
+"""speedups: FusedRMSprop (torch's RMSprop update, state and fallbacks, in one fused loop on
+CPU), precision probing, malloc tuning and the whole-batch loader."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
+from blobs import Blobs
 from napari_mevae import speedups
-from napari_mevae.speedups import FusedRMSprop
+from napari_mevae.config import TrainOptions, preset
+from napari_mevae.speedups import BatchLoader, FusedRMSprop
+from napari_mevae.training import EpochSampler, Trainer
 
 
 def small_net() -> nn.Module:
@@ -129,9 +134,6 @@ def test_closure_is_evaluated_once():
 
 
 def test_trainer_uses_it_on_cpu():
-    from napari_mevae.config import TrainOptions, preset
-    from napari_mevae.training import Trainer
-
     data = torch.utils.data.TensorDataset(torch.rand(8, 2, 1, 32, 32), torch.rand(8, 1, 32, 32))
     cfg = preset("tiny", n_encoders=2)
     trainer = Trainer(cfg, data, TrainOptions(epochs=1, batch_size=4, seed=0, device="cpu"))
@@ -148,3 +150,68 @@ def test_zero_grad_drops_or_zeroes_the_gradients():
     assert all(p.grad is not None and not p.grad.any() for p in net.parameters())
     opt.zero_grad()
     assert all(p.grad is None for p in net.parameters())
+
+
+# -- precision, malloc, batch loader ----------------------------------------------------------
+def test_precision_auto_follows_the_hardware(monkeypatch):
+    cpu = torch.device("cpu")
+    assert speedups.resolve_precision("float32", cpu) == "float32"
+    monkeypatch.setattr(speedups, "bf16_supported", lambda device: True)
+    monkeypatch.setattr(speedups, "_cpu_flags", lambda: {"avx2", "avx512f"})
+    # AVX-512 without native bf16: oneDNN would only emulate it, so auto stays float32
+    assert speedups.resolve_precision("auto", cpu) == "float32"
+    assert speedups.resolve_precision("bf16", cpu) == "bf16"  # asked for explicitly
+    monkeypatch.setattr(speedups, "_cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    assert speedups.resolve_precision("auto", cpu) == "bf16"
+    trainer = Trainer(preset("tiny"), Blobs(), TrainOptions(epochs=1, batch_size=8))
+    assert trainer.precision == "bf16" and trainer._autocast == torch.bfloat16
+    pinned = Trainer(preset("tiny"), Blobs(), TrainOptions(precision="float32", batch_size=8))
+    assert pinned.precision == "float32" and pinned._autocast is None and pinned.scaler is None
+    monkeypatch.setattr(speedups, "bf16_supported", lambda device: False)
+    assert speedups.resolve_precision("bf16", cpu) == "float32"  # unsupported: float32
+    assert speedups.resolve_precision("fp16", cpu) == "fp16"  # asked for: emulated, but runs
+    assert speedups.resolve_precision("auto", torch.device("mps")) == "float32"
+    with pytest.raises(ValueError, match="precision must be one of auto, float32, bf16, fp16"):
+        TrainOptions(precision="half").validate()
+
+
+def test_precision_auto_on_gpus_with_and_without_native_bf16(monkeypatch):
+    """Ampere and later run bf16 natively; on a T4 or V100 torch only emulates bf16 (its
+    ``is_bf16_supported()`` still says True), and float16 with loss scaling is the fast AMP."""
+    cuda = torch.device("cuda")
+    major = {"value": 7}
+
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        return major["value"] >= 8 or including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert speedups.resolve_precision("auto", cuda) == "fp16"  # T4 / V100
+    assert speedups.resolve_precision("bf16", cuda) == "bf16"  # asked for: emulated
+    assert speedups.resolve_precision("fp16", cuda) == "fp16"
+    major["value"] = 8
+    assert speedups.resolve_precision("auto", cuda) == "bf16"  # A100, RTX 30xx and later
+    assert speedups.resolve_precision("float32", cuda) == "float32"
+
+
+def test_malloc_tuning_is_scoped_to_the_run():
+    trainer = Trainer(preset("tiny"), Blobs(n=8), TrainOptions(epochs=1, batch_size=4, seed=0))
+    gen = trainer.run()
+    next(gen)
+    if speedups.sys.platform.startswith("linux"):
+        assert speedups._malloc_users == 1  # tuned while the run is live
+    gen.close()  # the consumer stops early: still restored
+    assert speedups._malloc_users == 0
+    trainer = Trainer(preset("tiny"), Blobs(n=8), TrainOptions(epochs=1, batch_size=4, seed=0))
+    trainer.train()
+    assert speedups._malloc_users == 0
+
+
+def test_batch_loader_matches_dataloader_batches_for_tensor_datasets():
+    ds = TensorDataset(torch.arange(23.0)[:, None], torch.arange(23) * 2)
+    sampler = EpochSampler(23, seed=5, rank=1, world=2)
+    sampler.set_epoch(4)
+    fast = list(BatchLoader(ds, sampler, 4))
+    slow = list(DataLoader(ds, batch_size=4, sampler=sampler))
+    assert len(fast) == len(slow) == len(BatchLoader(ds, sampler, 4)) == 3
+    for (a, b), (c, d) in zip(fast, slow, strict=True):
+        assert torch.equal(a, c) and torch.equal(b, d)

@@ -4,7 +4,6 @@ import torch
 
 from napari_mevae.analysis import encode
 from napari_mevae.config import preset
-from napari_mevae.folders import LazyFolderTargets
 from napari_mevae.model import MEVAE
 from napari_mevae.store import CropStore, write_crops
 
@@ -51,9 +50,3 @@ def test_bad_crops_files(tmp_path):
         CropStore(tmp_path / "flat.npy")
     with pytest.raises(ValueError, match="no crops"):
         write_crops(tmp_path / "e.npy", iter([]))
-
-
-def test_lazy_folder_targets(lincs64):
-    lazy = LazyFolderTargets(lincs64 / "OutputImages", 32, 1)
-    assert len(lazy) == 64 and lazy[5].shape == (1, 32, 32)
-    assert lazy.names[:3] == ["Image_0", "Image_1", "Image_2"]

@@ -1,45 +1,18 @@
+"""The trainer: reports, seeding, resume, stopping, divergence, early stopping, KL warm-up,
+precision and the fast paths.  Checkpoint files are in test_checkpoints.py; precision probing,
+malloc tuning and the batch loader in test_speedups.py."""
+
 import math
-import os
-import pickle
 
 import numpy as np
 import pytest
 import torch
 
-from napari_mevae.checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
+from blobs import Blobs
+from napari_mevae.checkpoints import load_checkpoint, save_checkpoint
 from napari_mevae.config import CheckpointError, TrainingDiverged, TrainOptions, preset
 from napari_mevae.model import MEVAE
 from napari_mevae.training import Trainer, select_device
-
-
-class Blobs(torch.utils.data.Dataset):
-    """K noisy views of smooth blobs -> the clean blob: a tiny learnable pair set."""
-
-    def __init__(self, n=32, k=2, c=1, size=32, seed=0):
-        rng = np.random.default_rng(seed)
-        yy, xx = np.mgrid[:size, :size]
-        cy, cx = rng.uniform(8, size - 8, (2, n))
-        r = rng.uniform(3, 7, n)
-        self.targets = np.exp(
-            -(
-                ((yy - cy[:, None, None]) ** 2 + (xx - cx[:, None, None]) ** 2)
-                / (2 * r[:, None, None] ** 2)
-            )
-        )
-        self.targets = np.repeat(self.targets[:, None], c, 1).astype(np.float32)
-        self.inputs = np.clip(
-            self.targets[:, None] + rng.normal(0, 0.05, (n, k, c, size, size)), 0, 1
-        ).astype(np.float32)
-        self.epochs_seen = []
-
-    def set_epoch(self, epoch):
-        self.epochs_seen.append(epoch)
-
-    def __len__(self):
-        return len(self.targets)
-
-    def __getitem__(self, i):
-        return torch.from_numpy(self.inputs[i]), torch.from_numpy(self.targets[i])
 
 
 def run_all(trainer):
@@ -74,21 +47,6 @@ def test_seeded_runs_reproduce_the_same_losses():
     assert losses() == losses()
 
 
-def test_checkpoint_round_trip_gives_identical_encodings(tmp_path):
-    ds = Blobs()
-    trainer = Trainer(preset("tiny"), ds, TrainOptions(epochs=1, batch_size=8, seed=0))
-    model = trainer.train()
-    path = save_checkpoint(tmp_path / "m.pt", model, trainer.optimizer, epoch=1)
-    ck = load_checkpoint(path)
-    again = ck.build_model()
-    x = torch.from_numpy(ds.inputs[:10])
-    assert torch.equal(model.cpu().encode(x), again.encode(x))
-    assert ck.epoch == 1 and ck.config == model.config
-    # a save_dir or models/ dir resolves to the file
-    save_checkpoint(tmp_path / "run" / "models", model)
-    assert resolve_checkpoint(tmp_path / "run") == tmp_path / "run" / "models" / "checkpoint.pt"
-
-
 def test_trainer_measures_which_latent_dimensions_are_used(tmp_path):
     ds = Blobs(n=24)
     # a learning rate so small that the weights stay put: the variance measured during the
@@ -105,39 +63,6 @@ def test_trainer_measures_which_latent_dimensions_are_used(tmp_path):
     again = load_checkpoint(tmp_path).build_model()
     assert torch.equal(again.latent_variance, model.latent_variance)
     assert torch.equal(again.active_mask, model.active_mask)
-
-
-class Evil:
-    def __reduce__(self):
-        return (os.system, ("touch /tmp/mevae_pwned",))
-
-
-def test_malicious_pickle_checkpoint_is_refused(tmp_path):
-    path = tmp_path / "evil.pt"
-    torch.save({"format": "napari-mevae-checkpoint", "payload": Evil()}, path)
-    with pytest.raises(CheckpointError, match="refused for safety|cannot read"):
-        load_checkpoint(path)
-    assert not os.path.exists("/tmp/mevae_pwned")
-    raw = tmp_path / "raw.pt"
-    raw.write_bytes(pickle.dumps(Evil()))
-    with pytest.raises(CheckpointError):
-        load_checkpoint(raw)
-    assert not os.path.exists("/tmp/mevae_pwned")
-
-
-def test_corrupt_missing_and_foreign_checkpoints_give_clear_errors(tmp_path):
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
-        load_checkpoint(bad)
-    with pytest.raises(CheckpointError, match="not found"):
-        load_checkpoint(tmp_path / "nope.pt")
-    with pytest.raises(CheckpointError, match="no checkpoint in directory"):
-        load_checkpoint(tmp_path)
-    foreign = tmp_path / "foreign.pt"
-    torch.save({"weights": torch.zeros(3)}, foreign)
-    with pytest.raises(CheckpointError, match="not a napari-mevae checkpoint"):
-        load_checkpoint(foreign)
 
 
 def test_resume_with_a_different_architecture_names_the_difference(tmp_path):
@@ -297,55 +222,6 @@ def test_get_batch_fast_path_trains_exactly_like_the_dataloader():
     assert all(torch.equal(slow_state[k], fast_state[k]) for k in slow_state)
 
 
-def test_batch_loader_matches_dataloader_batches_for_tensor_datasets():
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from napari_mevae.speedups import BatchLoader
-    from napari_mevae.training import EpochSampler
-
-    ds = TensorDataset(torch.arange(23.0)[:, None], torch.arange(23) * 2)
-    sampler = EpochSampler(23, seed=5, rank=1, world=2)
-    sampler.set_epoch(4)
-    fast = list(BatchLoader(ds, sampler, 4))
-    slow = list(DataLoader(ds, batch_size=4, sampler=sampler))
-    assert len(fast) == len(slow) == len(BatchLoader(ds, sampler, 4)) == 3
-    for (a, b), (c, d) in zip(fast, slow, strict=True):
-        assert torch.equal(a, c) and torch.equal(b, d)
-
-
-def test_folder_pairs_get_batch_equals_stacked_items(tmp_path):
-    from napari_mevae.folders import FolderPairs, write_image
-
-    rng = np.random.default_rng(0)
-    dirs = [tmp_path / name for name in ("in1", "in2", "out")]
-    for d in dirs:
-        for i in range(5):
-            write_image(d / f"cell_{i}.tif", rng.uniform(0.1, 1, (16, 16)))
-    for in_memory in (True, False):
-        ds = FolderPairs(dirs[:2], dirs[2], image_size=16, in_memory=in_memory)
-        idx = torch.tensor([3, 0, 4])
-        inputs, target = ds.get_batch(idx)
-        assert inputs.shape == (3, 2, 1, 16, 16) and target.shape == (3, 1, 16, 16)
-        assert inputs.dtype == target.dtype == torch.float32
-        assert torch.equal(inputs, torch.stack([ds[i][0] for i in (3, 0, 4)]))
-        assert torch.equal(target, torch.stack([ds[i][1] for i in (3, 0, 4)]))
-
-
-def test_malloc_tuning_is_scoped_to_the_run():
-    import napari_mevae.speedups as tr
-
-    trainer = Trainer(preset("tiny"), Blobs(n=8), TrainOptions(epochs=1, batch_size=4, seed=0))
-    gen = trainer.run()
-    next(gen)
-    if tr.sys.platform.startswith("linux"):
-        assert tr._malloc_users == 1  # tuned while the run is live
-    gen.close()  # the consumer stops early: still restored
-    assert tr._malloc_users == 0
-    trainer = Trainer(preset("tiny"), Blobs(n=8), TrainOptions(epochs=1, batch_size=4, seed=0))
-    trainer.train()
-    assert tr._malloc_users == 0
-
-
 def test_bf16_option_trains_with_float32_weights():
     from napari_mevae.speedups import bf16_supported
 
@@ -358,50 +234,6 @@ def test_bf16_option_trains_with_float32_weights():
     epochs = [r.loss for r in reports if r.kind == "epoch"]
     assert all(math.isfinite(v) for v in epochs) and epochs[-1] < epochs[0]
     assert all(p.dtype == torch.float32 for p in trainer.model_unwrapped.parameters())
-
-
-def test_precision_auto_follows_the_hardware(monkeypatch):
-    from napari_mevae import speedups
-
-    cpu = torch.device("cpu")
-    assert speedups.resolve_precision("float32", cpu) == "float32"
-    monkeypatch.setattr(speedups, "bf16_supported", lambda device: True)
-    monkeypatch.setattr(speedups, "_cpu_flags", lambda: {"avx2", "avx512f"})
-    # AVX-512 without native bf16: oneDNN would only emulate it, so auto stays float32
-    assert speedups.resolve_precision("auto", cpu) == "float32"
-    assert speedups.resolve_precision("bf16", cpu) == "bf16"  # asked for explicitly
-    monkeypatch.setattr(speedups, "_cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
-    assert speedups.resolve_precision("auto", cpu) == "bf16"
-    trainer = Trainer(preset("tiny"), Blobs(), TrainOptions(epochs=1, batch_size=8))
-    assert trainer.precision == "bf16" and trainer._autocast == torch.bfloat16
-    pinned = Trainer(preset("tiny"), Blobs(), TrainOptions(precision="float32", batch_size=8))
-    assert pinned.precision == "float32" and pinned._autocast is None and pinned.scaler is None
-    monkeypatch.setattr(speedups, "bf16_supported", lambda device: False)
-    assert speedups.resolve_precision("bf16", cpu) == "float32"  # unsupported: float32
-    assert speedups.resolve_precision("fp16", cpu) == "fp16"  # asked for: emulated, but runs
-    assert speedups.resolve_precision("auto", torch.device("mps")) == "float32"
-    with pytest.raises(ValueError, match="precision must be one of auto, float32, bf16, fp16"):
-        TrainOptions(precision="half").validate()
-
-
-def test_precision_auto_on_gpus_with_and_without_native_bf16(monkeypatch):
-    """Ampere and later run bf16 natively; on a T4 or V100 torch only emulates bf16 (its
-    ``is_bf16_supported()`` still says True), and float16 with loss scaling is the fast AMP."""
-    from napari_mevae import speedups
-
-    cuda = torch.device("cuda")
-    major = {"value": 7}
-
-    def is_bf16_supported(including_emulation: bool = True) -> bool:
-        return major["value"] >= 8 or including_emulation
-
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
-    assert speedups.resolve_precision("auto", cuda) == "fp16"  # T4 / V100
-    assert speedups.resolve_precision("bf16", cuda) == "bf16"  # asked for: emulated
-    assert speedups.resolve_precision("fp16", cuda) == "fp16"
-    major["value"] = 8
-    assert speedups.resolve_precision("auto", cuda) == "bf16"  # A100, RTX 30xx and later
-    assert speedups.resolve_precision("float32", cuda) == "float32"
 
 
 def test_fp16_trains_with_loss_scaling_and_float32_weights(tmp_path):

@@ -25,7 +25,6 @@ __all__ = [
     "neighbour_content_kept",
     "paired_inputs",
     "pixel_correlation",
-    "principal_subspace",
 ]
 
 
@@ -199,16 +198,6 @@ def neighbour_content_kept(
     return _descriptors_r2(model, latents, crops, folds, seed)
 
 
-def principal_subspace(latents: np.ndarray, keep: float = 0.99) -> np.ndarray:
-    """The latents projected on the principal components that hold ``keep`` of their variance:
-    what variance-weighted analyses (UMAP, k-means, distances on raw latents) actually see."""
-    zc = np.asarray(latents, np.float64) - np.mean(latents, axis=0)
-    _, s, vt = np.linalg.svd(zc, full_matrices=False)
-    frac = np.cumsum(s**2) / max(float((s**2).sum()), 1e-30)
-    k = min(int(np.searchsorted(frac, keep) + 1), len(s))
-    return zc @ vt[:k].T
-
-
 ROTATION_LIKE = ("rotation", "pose")
 
 
@@ -259,37 +248,52 @@ def invariance_report(
     seed: int = 0,
     batch_size: int = 256,
 ) -> dict[str, float]:
-    """How much rotation and polarity the latents still hold, for canonical ``crops``.
+    """How much rotation and polarity the features of canonical ``crops`` still hold and how
+    much of the cell they keep: the report ``mevae evaluate`` writes, and the demo's
+    report.json.  This docstring is where its keys are explained.
 
-    One nuisance at a time, so each score has the full 0..1 range (under a uniform rotation a
-    180-degree flip would be just another rotation): each cell gets a freshly drawn uniform random
-    angle, then, separately, a random flip (identity, left-right, up-down, 180 degrees); every
-    encoder sees the transformed cell, as at analysis time.  Returns
+    Each cell gets a freshly drawn uniform random angle and, separately, a random flip
+    (identity, left-right, up-down, 180 degrees): one nuisance at a time, so each score has the
+    full 0..1 range (under a uniform rotation a 180-degree flip would be just another rotation).
+    Every probe reads the features as exported, the dimensions the model does not use being 0
+    (:func:`~napari_mevae.analysis.encode`), except the ``*_all_dims`` keys.  Two protocols:
 
-    - ``rotation_leakage``: cross-validated R^2 of (cos, sin) of the angle from the latents;
-    - ``polarity_leakage``: cross-validated balanced accuracy of the flip above chance;
-    - the same two on the principal subspace holding 99 % of the latent variance
-      (``*_pc99``, ``pc99_dims`` components): the probes above standardise every dimension, so
-      they also read nuisance left in dimensions the model has all but switched off, which
-      UMAP, clustering and distances never see; ``active_dims`` counts dimensions with std > 0.1;
-    - ``content_kept``: R^2 of invariant cell descriptors from the latents of the rotated cells;
-      ``neighbour_content_kept`` the same read from each cell's nearest cells in feature space
-      (:func:`neighbour_content_kept`: what UMAP, clustering and distances see);
-    - ``reconstruction_corr``: pixel correlation of the model's output (from the rotated and
-      flipped cell) with the canonical cell (1 for a model that fully corrects the pose);
-    - ``rotation_leakage_2x``: the rotation probe on (cos 2a, sin 2a) (axis orientation);
-    - ``paired_rotation_leakage`` / ``paired_polarity_leakage``: the paper's protocol for
-      multi-encoder models: each encoder sees the cell under its OWN nuisance, as in training
-      (:func:`paired_inputs`), and both probes read the one fused latent; for a one-encoder
-      model (nothing to pair) they equal the two scores above; ``paired_content_kept`` the
-      same for ``content_kept`` (and ``paired_neighbour_content_kept`` for
-      ``neighbour_content_kept``) and ``paired_rotation_leakage_2x`` for ``rotation_leakage_2x``;
-    - ``model_active_dims``: dimensions the model uses (:attr:`MEVAE.active_mask`, measured
-      over the training cells; the others are 0 in every encoding, as in the features a user
-      exports); ``paired_rotation_leakage_all_dims`` / ``paired_polarity_leakage_all_dims``:
-      the paired probes on the raw product of the means, unused dimensions included, for
-      comparison;
-    - ``nmi`` / ``purity`` of k-means against ``classes`` when given.
+    - same (keys without ``paired_``): every encoder sees the same transformed cell, as when
+      one image of a cell is analysed;
+    - paired (``paired_*``): each encoder sees the cell under its own freshly drawn nuisance,
+      as in training and in the paper (:func:`paired_inputs`; the nuisances the model was
+      trained with, or rotation and polarity for two encoders trained on pair folders:
+      :func:`encoder_nuisances`).  For a one-encoder model they equal the same-protocol keys.
+      A model whose encoders' nuisances are unknown (more than two encoders trained on pair
+      folders) has no ``paired_*`` keys, and a paired leakage key (with its ``*_all_dims``) is
+      there only if an encoder was trained on that nuisance (rotation or pose for rotation).
+
+    Keys (floats; leakage and content 0..1):
+
+    - ``rotation_leakage``, ``paired_rotation_leakage``: cross-validated R^2 of (cos, sin) of
+      the angle from the rotated cells' features (:func:`angle_leakage`); 0 = no rotation left.
+    - ``polarity_leakage``, ``paired_polarity_leakage``: cross-validated balanced accuracy of
+      the flip from the flipped cells' features, above chance (:func:`discrete_leakage`);
+      0 = chance.
+    - ``content_kept``, ``paired_content_kept``: cross-validated R^2 of pose-invariant
+      descriptors of the canonical cells (:func:`cell_descriptors`) from the rotated cells'
+      features, by a linear probe that standardises every dimension (:func:`content_kept`).
+    - ``neighbour_content_kept``, ``paired_neighbour_content_kept``: the same descriptors
+      predicted from each cell's 10 nearest cells in feature space, features as exported
+      (:func:`neighbour_content_kept`): whether the cells UMAP, clustering and distances put
+      together are alike.
+    - ``reconstruction_corr``: pixel correlation (:func:`pixel_correlation`) of the model's
+      output from the rotated and flipped cell with the canonical cell; 1 for a model that
+      fully corrects the pose.
+    - ``model_active_dims``: latent dimensions the model uses (:attr:`MEVAE.n_active`,
+      measured by the trainer over the training cells; all of them for a model without that
+      record; 0 while none is in use, and then the features keep every dimension).
+    - ``paired_rotation_leakage_all_dims``, ``paired_polarity_leakage_all_dims``: the paired
+      leakage probes on the raw product of the encoder means, unused dimensions included.
+    - ``n_cells``: the number of cells measured.
+    - ``nmi``, ``purity`` (only when ``classes`` are given): of k-means with k = the number of
+      classes on the features of the rotated and flipped cells, against ``classes``
+      (:func:`cluster_agreement`).
     """
     from .nuisances import draw_and_apply
 
@@ -307,37 +311,27 @@ def invariance_report(
 
     raw_rot, z_rot = raw_and_features(rotated)
     raw_flip, z_flip = raw_and_features(flipped)
-    pc_rot, pc_flip = principal_subspace(z_rot), principal_subspace(z_flip)
     report = {
         "rotation_leakage": angle_leakage(z_rot, angles, seed=seed),
         "polarity_leakage": discrete_leakage(z_flip, flips, seed=seed),
-        "rotation_leakage_pc99": angle_leakage(pc_rot, angles, seed=seed),
-        "polarity_leakage_pc99": discrete_leakage(pc_flip, flips, seed=seed),
-        "pc99_dims": float(pc_rot.shape[1]),
-        "active_dims": float((z_rot.std(0) > 0.1).sum()),
         "content_kept": content_kept(z_rot, crops, seed=seed),
         "neighbour_content_kept": neighbour_content_kept(z_rot, crops, seed=seed),
         "reconstruction_corr": pixel_correlation(reconstruct(model, both, batch_size), crops),
         "n_cells": float(len(crops)),
-        "rotation_leakage_2x": angle_leakage(z_rot, angles, seed=seed, harmonic=2),
+        "model_active_dims": float(model.n_active),
     }
     nuisances = encoder_nuisances(model)
-    report["model_active_dims"] = float(model.n_active)
     if model.config.n_encoders == 1:
         report["paired_rotation_leakage"] = report["rotation_leakage"]
         report["paired_polarity_leakage"] = report["polarity_leakage"]
         report["paired_content_kept"] = report["content_kept"]
         report["paired_neighbour_content_kept"] = report["neighbour_content_kept"]
-        report["paired_rotation_leakage_2x"] = report["rotation_leakage_2x"]
         raw = {"rotation": (raw_rot, angles), "polarity": (raw_flip, flips)}
     elif nuisances is not None:
         inputs, p_angles, p_flips = paired_inputs(crops, nuisances, rng)
         raw_pair, z_pair = raw_and_features(inputs)
         if p_angles is not None:
             report["paired_rotation_leakage"] = angle_leakage(z_pair, p_angles, seed=seed)
-            report["paired_rotation_leakage_2x"] = angle_leakage(
-                z_pair, p_angles, seed=seed, harmonic=2
-            )
         if p_flips is not None:
             report["paired_polarity_leakage"] = discrete_leakage(z_pair, p_flips, seed=seed)
         report["paired_content_kept"] = content_kept(z_pair, crops, seed=seed)

@@ -1,13 +1,13 @@
 """How much of the linear probe's verdict is the product's heavy tails?  Diagnosis for
 docs/benchmarks.md ("Content kept").
 
-    python benchmarks/feature_scale.py --train train/OutputImages --test test/OutputImages RUN/ ...
+    python benchmarks/diagnostics/feature_scale.py --train train/OutputImages --test test/OutputImages RUN/ ...
 
 A multi-encoder model's features are the product of K encoder means, so each dimension is
 distributed like a product of K roughly normal numbers: heavy-tailed, a few cells far out.
 A linear probe that standardises every dimension is then fitted mostly to those few cells.
 For each run this prints, in the paired protocol and with the same draws as
-``analysis.invariance_report``:
+``evaluation.invariance_report``:
 
 - the dimensions in use and the largest |skewness| among them;
 - content kept (linear probe and by neighbours), rotation and polarity leakage, each read
@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from dims_in_use import measured_model, parse_runs  # benchmarks/ is on sys.path as a script
+# this folder is on sys.path when run as a script
+from dims_in_use import measured_model, parse_runs, report_features
 
 PAIRED = ("content", "neighbours", "rotation", "polarity")
 DESCRIPTORS = ("intensity", "area", "radius", "elongation", "spread")
@@ -34,23 +35,13 @@ def signed_root(z: np.ndarray, k: int) -> np.ndarray:
 
 
 def paired_features(model, crops: np.ndarray, seed: int = 0):  # -> (z, angles, z_flip, flips)
-    """The features ``invariance_report`` reads for its ``paired_*`` keys, with its draws:
-    for the rotation probe and content (``z``) and for the polarity probe (``z_flip``).  A
-    one-encoder model has nothing to pair; the report reads its rotated and its flipped cells.
-    """
-    from napari_mevae.analysis import encode
-    from napari_mevae.evaluation import encoder_nuisances, paired_inputs
-    from napari_mevae.nuisances import draw_and_apply
-
-    rng = np.random.default_rng(seed)
-    rotated, angles = draw_and_apply(crops, "rotation", rng)
-    flipped, flips = draw_and_apply(crops, "polarity", rng)
-    draw_and_apply(rotated, "polarity", rng)  # the report's third draw: keeps the stream aligned
-    if model.config.n_encoders == 1:
-        return encode(model, rotated), angles, encode(model, flipped), flips
-    inputs, p_angles, p_flips = paired_inputs(crops, encoder_nuisances(model), rng)
-    z = encode(model, inputs)
-    return z, p_angles, z, p_flips
+    """The features ``invariance_report`` reads for its ``paired_*`` keys, with its draws
+    (:func:`dims_in_use.report_features`): for the rotation probe and content (``z``) and for
+    the polarity probe (``z_flip``).  A one-encoder model has nothing to pair; the report reads
+    its rotated and its flipped cells."""
+    feats = report_features(model, crops, seed)
+    (z, angles), (z_flip, flips) = feats["paired_rotation"], feats["paired_polarity"]
+    return z, angles, z_flip, flips
 
 
 def per_descriptor_r2(z: np.ndarray, crops: np.ndarray, seed: int = 0) -> np.ndarray:

@@ -1,8 +1,8 @@
 """Where does a multi-encoder model's polarity leakage live?  Diagnosis for docs/benchmarks.md.
 
-    python benchmarks/leakage_dims.py --checkpoint RUN/ --targets test/OutputImages --size 32
+    python benchmarks/diagnostics/leakage_dims.py --checkpoint RUN/ --targets test/OutputImages --size 32
 
-Paired protocol (each encoder sees the cell under its own nuisance, ``analysis.paired_inputs``):
+Paired protocol (each encoder sees the cell under its own nuisance, ``evaluation.paired_inputs``):
 prints the std of every fused latent dimension, the polarity leakage read from each encoder's
 mean alone, from the fused latent's top-k dimensions by variance, and from a logistic probe on
 the raw (unstandardised) latents.
