@@ -78,6 +78,8 @@ class MEVAEConfig:
     recon_loss: Literal["bce", "mse"] = "bce"
     epsilon_std: float = 1.0
     nuisances: list[str] = field(default_factory=list)
+    # free bits (nats per latent dimension and encoder): KL below it is not penalised
+    free_bits: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -104,6 +106,8 @@ class MEVAEConfig:
             raise ValueError(f"recon_loss must be 'bce' or 'mse', got {self.recon_loss!r}")
         if self.epsilon_std < 0:
             raise ValueError(f"epsilon_std must be >= 0, got {self.epsilon_std}")
+        if not (self.free_bits >= 0 and math.isfinite(self.free_bits)):
+            raise ValueError(f"free_bits must be a finite number >= 0, got {self.free_bits}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

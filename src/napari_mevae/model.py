@@ -224,10 +224,20 @@ class MEVAE(nn.Module):
         else:
             rec = F.mse_loss(torch.sigmoid(out.recon_logits), target, reduction="none")
         rec = rec.flatten(1).mean(1) * scale  # per sample
-        kl = -0.5 * torch.sum(1 + out.logvars - out.means.pow(2) - out.logvars.exp(), dim=-1)
-        kl = kl.mean(0)  # average over encoders, per sample
-        total = rec + cfg.beta * kl
-        return {"loss": total.mean(), "recon": rec.mean(), "kl": kl.mean()}
+        kl_dims = -0.5 * (1 + out.logvars - out.means.pow(2) - out.logvars.exp())  # (K, B, L)
+        kl = kl_dims.sum(-1).mean(0)  # summed over dimensions, averaged over encoders
+        if cfg.free_bits > 0:
+            # free bits: a dimension's batch-mean KL below the floor costs the floor, so the
+            # prior stops pulling a dimension in use back to zero
+            penalty = kl_dims.mean(1).clamp_min(cfg.free_bits).sum(-1).mean()
+        else:
+            penalty = kl.mean()
+        return {
+            "loss": rec.mean() + cfg.beta * penalty,
+            "recon": rec.mean(),
+            "kl": kl.mean(),
+            "kl_penalty": penalty,  # the KL term the loss weighs (what a warm-up ramps)
+        }
 
 
 def count_parameters(module: nn.Module) -> int:

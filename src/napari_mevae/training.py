@@ -161,7 +161,7 @@ class Trainer:
                 f"--batch_size {self.options.batch_size} is the global batch and must be divisible "
                 f"by the number of processes ({self.world})"
             )
-        # on CPU, RMSprop's update as one fused loop (same update and state, see optim.py)
+        # on CPU, RMSprop's update as one fused loop (same update and state, see speedups.py)
         rmsprop = FusedRMSprop if self.device.type == "cpu" else torch.optim.RMSprop
         self.optimizer = rmsprop(self.model.parameters(), lr=self.options.learn_rate)
         self.start_epoch = 0
@@ -352,7 +352,7 @@ class Trainer:
                     loss = terms["loss"]
                     ramp = self.kl_ramp(epoch + step / max(steps, 1))
                     if ramp < 1.0:  # outside the (possibly compiled) step: no recompiles
-                        loss = terms["recon"] + self.beta * ramp * terms["kl"]
+                        loss = terms["recon"] + self.beta * ramp * terms["kl_penalty"]
                     # one host read for the three numbers (and the finiteness check)
                     vals = np.array(
                         torch.stack([loss, terms["recon"], terms["kl"]]).detach().tolist()

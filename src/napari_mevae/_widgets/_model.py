@@ -154,6 +154,8 @@ class ModelPanel(Panel):
         lay.addLayout(row2)
         lay.addWidget(self.status)
         lay.addStretch(1)
+        # runs without an autosave folder write their checkpoints here (removed with the dock)
+        self._scratch = tempfile.TemporaryDirectory(prefix="mevae-napari-")
         # the current run (None between runs) and what the GUI needs to follow it
         self.run: ChildRun | None = None
         self.last_options: TrainOptions | None = None
@@ -246,7 +248,7 @@ class ModelPanel(Panel):
             except (InputError, ValueError) as err:
                 self.error(f"Cannot train: {err}")
                 return None
-        self._run_dir = self.autosave.text().strip() or tempfile.mkdtemp(prefix="mevae-napari-")
+        self._run_dir = self.autosave.text().strip() or tempfile.mkdtemp(dir=self._scratch.name)
         threads = workflow.background_threads()
         options = TrainOptions(
             epochs=self.epochs.value(),
