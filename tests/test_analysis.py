@@ -127,3 +127,15 @@ def test_features_table_paint_and_csv(tmp_path):
     np.testing.assert_allclose(back[["z0", "z1"]].to_numpy(), z)
     with pytest.raises(ValueError, match="3 cells in the table but 2 latent rows"):
         features_table(cells, z[:2])
+
+
+def test_latent_walk_is_every_dimensions_traversal_decoded_in_batches():
+    from napari_mevae.analysis import latent_traversal, latent_walk
+    from napari_mevae.config import preset
+    from napari_mevae.model import MEVAE
+
+    model = MEVAE(preset("tiny")).eval()
+    walk = latent_walk(model, steps=5, batch_size=7)  # batches that cut across dimensions
+    assert walk.shape == (8, 5, 1, 32, 32)
+    for d in (0, 3, 7):
+        np.testing.assert_allclose(walk[d], latent_traversal(model, d, steps=5), atol=1e-6)

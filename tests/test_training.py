@@ -83,6 +83,28 @@ def test_resume_continues_where_it_stopped(tmp_path):
     assert load_checkpoint(tmp_path).epoch == 4
 
 
+def test_resume_keeps_the_optimizer_state_but_takes_the_new_learning_rate(tmp_path):
+    ds = Blobs()
+    run_all(Trainer(preset("tiny"), ds, TrainOptions(epochs=1, batch_size=8, save_dir=tmp_path)))
+    ck = load_checkpoint(tmp_path)
+    saved = ck.optimizer_state["state"][0]["square_avg"]
+    more = Trainer(ck.build_model(), ds, TrainOptions(epochs=0, learn_rate=1e-2), resume=ck)
+    assert torch.equal(more.optimizer.state_dict()["state"][0]["square_avg"], saved)
+    assert [g["lr"] for g in more.optimizer.param_groups] == [1e-2]
+
+
+def test_a_run_that_never_steps_makes_no_optimizer_and_keeps_the_saved_state(tmp_path):
+    """Creating a torch optimizer imports its compiler stack (seconds): `--epochs 0` skips it."""
+    ds = Blobs()
+    run_all(Trainer(preset("tiny"), ds, TrainOptions(epochs=1, batch_size=8, save_dir=tmp_path)))
+    ck = load_checkpoint(tmp_path)
+    again = Trainer(ck.build_model(), ds, TrainOptions(epochs=0, save_dir=tmp_path), resume=ck)
+    run_all(again)
+    assert again._optimizer is None
+    kept = load_checkpoint(tmp_path).optimizer_state
+    assert torch.equal(kept["state"][0]["square_avg"], ck.optimizer_state["state"][0]["square_avg"])
+
+
 def test_stop_between_steps_keeps_model_and_checkpoint(tmp_path):
     trainer = Trainer(
         preset("tiny"), Blobs(), TrainOptions(epochs=5, batch_size=4, seed=0, save_dir=tmp_path)

@@ -174,9 +174,27 @@ def latent_traversal(
     return model.decode(torch.from_numpy(z).to(dev)).cpu().numpy()
 
 
-def latent_walk(model: MEVAE, steps: int = 10) -> np.ndarray:
-    """All dimensions' traversals ``(L, steps, C, S, S)``: the reference's latent_walk image."""
-    return np.stack([latent_traversal(model, d, steps) for d in range(model.config.latent_dim)])
+def latent_walk(
+    model: MEVAE,
+    steps: int = 10,
+    quantiles: tuple[float, float] = (0.05, 0.95),
+    batch_size: int = 256,
+) -> np.ndarray:
+    """All dimensions' traversals ``(L, steps, C, S, S)`` (each as :func:`latent_traversal`
+    from 0): the reference's latent_walk image, decoded in batches."""
+    import torch
+    from scipy.stats import norm
+
+    latent = model.config.latent_dim
+    values = norm.ppf(np.linspace(quantiles[0], quantiles[1], steps)).astype(np.float32)
+    z = np.zeros((latent, steps, latent), np.float32)
+    z[np.arange(latent), :, np.arange(latent)] = values
+    z = torch.from_numpy(z.reshape(latent * steps, latent))
+    dev = next(model.parameters()).device
+    parts = [
+        model.decode(z[i : i + batch_size].to(dev)).cpu() for i in range(0, len(z), batch_size)
+    ]
+    return torch.cat(parts).numpy().reshape(latent, steps, *parts[0].shape[1:])
 
 
 def run_umap(

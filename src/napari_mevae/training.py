@@ -161,9 +161,8 @@ class Trainer:
                 f"--batch_size {self.options.batch_size} is the global batch and must be divisible "
                 f"by the number of processes ({self.world})"
             )
-        # on CPU, RMSprop's update as one fused loop (same update and state, see speedups.py)
-        rmsprop = FusedRMSprop if self.device.type == "cpu" else torch.optim.RMSprop
-        self.optimizer = rmsprop(self.model.parameters(), lr=self.options.learn_rate)
+        self._optimizer: torch.optim.Optimizer | None = None  # made at the first step
+        self._resume_optimizer_state = resume.optimizer_state if resume is not None else None
         self.start_epoch = 0
         self.history: list[dict[str, float]] = []
         if resume is not None:
@@ -176,8 +175,6 @@ class Trainer:
                     + ", ".join(f"{k} (checkpoint {a}, now {b})" for k, (a, b) in diff.items())
                 )
             self.model.load_state_dict(resume.model_state)
-            if resume.optimizer_state:
-                self.optimizer.load_state_dict(resume.optimizer_state)
             self.start_epoch = resume.epoch
             self.history = list(resume.history)
         if self.world > 1:
@@ -263,12 +260,32 @@ class Trainer:
             return None
         return Path(self.options.save_dir) / "models" / CHECKPOINT_NAME
 
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """RMSprop, made on first use: creating a torch optimizer imports torch's compiler stack
+        (1.5-3.5 s), which a run that never steps (``--epochs 0``) need not pay.  A resumed
+        run's optimizer state is loaded, with this run's learning rate."""
+        if self._optimizer is None:
+            # on CPU, RMSprop's update as one fused loop (same update and state, see speedups.py)
+            rmsprop = FusedRMSprop if self.device.type == "cpu" else torch.optim.RMSprop
+            self._optimizer = rmsprop(self.model.parameters(), lr=self.options.learn_rate)
+            if self._resume_optimizer_state:
+                self._optimizer.load_state_dict(self._resume_optimizer_state)
+                for group in self._optimizer.param_groups:
+                    group["lr"] = self.options.learn_rate
+        return self._optimizer
+
     def save(self, epoch: int) -> Path | None:
         path = self.checkpoint_path
         if path is None:
             return None
         self.last_checkpoint = save_checkpoint(
-            path, self.model, self.optimizer, epoch=epoch, history=self.history
+            path,
+            self.model,
+            self._optimizer,
+            epoch=epoch,
+            history=self.history,
+            optimizer_state=None if self._optimizer else self._resume_optimizer_state,
         )
         return self.last_checkpoint
 
