@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from napari_mevae.child import ChildCrashed, ChildRun
+from napari_mevae.child import ChildCrashed, ChildRun, ChildService
 
 
 def drain(run: ChildRun) -> tuple[list, object]:
@@ -56,3 +56,30 @@ def test_stop_ends_the_run_cleanly():
 def test_unknown_target_is_a_clear_error():
     with pytest.raises((ModuleNotFoundError, AttributeError)):
         drain(ChildRun("child_targets:no_such_function"))
+
+
+def test_a_service_runs_jobs_one_after_the_other_in_one_process():
+    service = ChildService()
+    try:
+        pid = service.pid
+        items = list(service.submit("child_targets:count", 3))
+        assert items == [0, 1, 2]
+        gen = service.submit("child_targets:until_stopped")
+        assert next(gen) == 0
+        with pytest.raises(RuntimeError, match="busy"):
+            service.submit("child_targets:count", 1)
+        gen.close()  # left early: the job is stopped and its answer skipped
+        _, value = drain_gen(service.submit("child_targets:count", 2))
+        assert value == "counted 2" and service.pid == pid and service.alive
+    finally:
+        service.close()
+    assert not service.alive
+
+
+def drain_gen(gen) -> tuple[list, object]:
+    items = []
+    while True:
+        try:
+            items.append(next(gen))
+        except StopIteration as stop:
+            return items, stop.value
