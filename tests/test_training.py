@@ -156,7 +156,18 @@ def test_nan_loss_stops_with_clear_message_and_keeps_last_good_weights(tmp_path)
     assert ck.epoch == 1 and all(torch.isfinite(v).all() for v in ck.model_state.values())
 
 
-def test_early_stopping_with_patience():
+@pytest.fixture
+def plain_patience(monkeypatch):
+    """Early stopping as the options say, every dimension counted as in use: the rules that
+    delay it (enough images, a latent space in use) are tested on their own below."""
+    import napari_mevae.model
+    import napari_mevae.training
+
+    monkeypatch.setattr(napari_mevae.training, "patience_epochs", lambda patience, n: patience)
+    monkeypatch.setattr(napari_mevae.model, "ACTIVE_VARIANCE", 0.0)
+
+
+def test_early_stopping_with_patience(plain_patience):
     trainer = Trainer(
         preset("tiny"),
         Blobs(),
@@ -167,7 +178,37 @@ def test_early_stopping_with_patience():
     assert len([r for r in reports if r.kind == "epoch"]) == 3  # 1 best + 2 without improvement
 
 
-def test_kl_warmup_ramps_the_kl_weight_and_delays_early_stopping():
+def test_early_stopping_waits_for_enough_images_and_a_latent_space_in_use(monkeypatch):
+    from napari_mevae.config import patience_epochs
+
+    assert patience_epochs(8, 40) == 125 and patience_epochs(8, 100_000) == 8
+    opts = TrainOptions(epochs=12, batch_size=8, learn_rate=1e-12, patience=2, min_delta=1e6)
+    # 32 cells: patience 2 epochs would be 64 images; it waits for 5,000 (157 epochs)
+    import napari_mevae.model
+
+    monkeypatch.setattr(napari_mevae.model, "ACTIVE_VARIANCE", 0.0)
+    assert Trainer(preset("tiny"), Blobs(), opts).patience == 157
+    assert run_all(Trainer(preset("tiny"), Blobs(), opts))[-1].reason == "done"
+    # a model that uses no latent dimension has not learned yet: no early stop either
+    import napari_mevae.training
+
+    monkeypatch.setattr(napari_mevae.training, "patience_epochs", lambda patience, n: patience)
+    monkeypatch.setattr(napari_mevae.model, "ACTIVE_VARIANCE", float("inf"))
+    reports = run_all(Trainer(preset("tiny"), Blobs(), opts))
+    assert reports[-1].reason == "done" and reports[-1].epoch == 12
+
+
+def test_default_budget_counts_images_seen():
+    from napari_mevae.config import default_epochs
+
+    assert default_epochs(40) == 1000  # the floor: 40,000 images for the napari sample
+    assert default_epochs(2000) == 30  # 30 passes over mid-sized sets
+    assert default_epochs(1_000_000) == 1  # capped at 400,000 images (rounded to whole epochs)
+    trainer = Trainer(preset("tiny"), Blobs(n=32), TrainOptions())
+    assert trainer.epochs == 1250
+
+
+def test_kl_warmup_ramps_the_kl_weight_and_delays_early_stopping(plain_patience):
     cfg = preset("tiny", latent_dim=4, beta=2.0)
     opts = TrainOptions(epochs=3, batch_size=8, seed=0, kl_warmup=2, earlystop=False)
     trainer = Trainer(cfg, Blobs(), opts)

@@ -109,8 +109,12 @@ def test_dims_in_use_says_what_to_change():
     assert "not measured" in workflow.dims_in_use(model)
     model.latent_variance.copy_(torch.tensor([0.5, 0.2] + [0.0] * 6))
     assert workflow.dims_in_use(model).startswith("latent dimensions in use: 2 of 8")
+    model.latent_variance.copy_(torch.tensor([0.5] + [0.0] * 7))
+    model.config.beta = 0.0625
+    one = workflow.dims_in_use(model, workflow.GUI_NAMES)
+    assert "only 1 of 8" in one and "more Epochs" in one and "KL warm-up" in one
     model.latent_variance.zero_()
     model.config.beta = 1.0  # 16x the balanced weight at 32 px
-    assert "--beta 0.0625 (the default)" in workflow.dims_in_use(model)
+    assert "lower --beta to 0.0625, the default at image size 32" in workflow.dims_in_use(model)
     model.config.beta = 0.0625
     assert "--kl_warmup" in workflow.dims_in_use(model)

@@ -106,7 +106,13 @@ def _add_data_args(p: argparse.ArgumentParser, train: bool) -> None:
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--batch_size", type=int, default=50, help="GLOBAL batch size (default 50)")
-    g.add_argument("--epochs", type=int, default=10, help="epochs (default 10)")
+    g.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="epochs (default: a budget that fits the data: 30 passes over it, but at least "
+        "40,000 and at most 400,000 images seen)",
+    )
     g.add_argument("--learn_rate", type=float, default=0.0005, help="RMSprop learning rate")
     g.add_argument(
         "--earlystop", type=_bool01, default=True, help="1 = early stopping on loss (default 1)"
@@ -119,7 +125,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         "reference); against latent collapse on small images",
     )
     g.add_argument(
-        "--patience", type=int, default=8, help="early-stopping patience in epochs (default 8)"
+        "--patience",
+        type=int,
+        default=8,
+        help="early-stopping patience in epochs (default 8; at least 5,000 images on small sets)",
     )
     g.add_argument(
         "--verbose", type=int, default=1, help="0 = quiet, 1 = progress bars (default 1)"

@@ -30,6 +30,7 @@ __all__ = [
     "MEVAEConfig",
     "TrainOptions",
     "TrainingDiverged",
+    "default_epochs",
     "kl_weight",
     "model_kind",
     "preset",
@@ -224,11 +225,65 @@ def preset(name: str, **overrides: Any) -> MEVAEConfig:
 PRECISIONS = ("auto", "float32", "bf16", "fp16")
 
 
+#: The default training budget, counted in images seen (optimizer steps x batch size), since
+#: "epochs" means little when a data set has 40 or 40,000 cells: 30 passes over the data, but at
+#: least the floor (the napari sample's 40 cells get 1,000 epochs: a few hundred steps teach a
+#: model nothing) and at most the cap (huge screens).  docs/benchmarks.md, "Default budget".
+BUDGET_PASSES = 30
+BUDGET_IMAGES = (40_000, 400_000)
+#: early stopping waits at least this many images without improvement (or ``patience`` epochs)
+PATIENCE_IMAGES = 5_000
+
+
+def default_epochs(n_items: int) -> int:
+    """Epochs of the default budget for a training set of ``n_items`` cells."""
+    n = max(1, int(n_items))
+    images = min(max(BUDGET_PASSES * n, BUDGET_IMAGES[0]), BUDGET_IMAGES[1])
+    return max(1, round(images / n))
+
+
+def training_flops(cfg: MEVAEConfig) -> float:
+    """Floating-point operations to train on one image (forward + backward ~ 3x forward): the
+    basis of the time estimate shown before training."""
+    k2, nf, s = cfg.kernel_size**2, cfg.nfilters, cfg.image_size
+    enc, c_in = 0.0, cfg.channels
+    for i in range(cfg.nlayers):
+        c_out, side = nf * 2**i, s // 2 ** (i + 1)
+        enc += 2 * k2 * c_in * c_out * side * side
+        c_in = c_out
+    flat = c_in * cfg.bottleneck_size**2
+    enc += 2 * flat * cfg.inter_dim + 4 * cfg.inter_dim * cfg.latent_dim
+    dec, c_in, side = 2 * cfg.latent_dim * flat, c_in, cfg.bottleneck_size
+    for i in range(cfg.nlayers):
+        c_out = nf * 2 ** (cfg.nlayers - i)
+        dec += 2 * k2 * c_in * c_out * side * side
+        c_in, side = c_out, side * 2
+    dec += 2 * k2 * c_in * cfg.channels * s * s
+    return 3.0 * (cfg.n_encoders * enc + dec)
+
+
+#: training throughput of one CPU core in float32, measured on the project's 2-core benchmark
+#: machine (docs/benchmarks.md); only for the estimate shown before a run starts
+FLOPS_PER_CORE = 40e9
+
+
+def estimate_seconds(cfg: MEVAEConfig, images: int, threads: int) -> float:
+    """A rough training time: ``images`` seen on ``threads`` CPU cores (+ a few seconds to
+    start).  The run then reports its real speed."""
+    return 5.0 + images * training_flops(cfg) / (FLOPS_PER_CORE * max(1, threads))
+
+
+def patience_epochs(patience: int, n_items: int) -> int:
+    """Epochs without improvement before early stopping: ``patience``, or more on small sets."""
+    return max(int(patience), math.ceil(PATIENCE_IMAGES / max(1, int(n_items))))
+
+
 @dataclass
 class TrainOptions:
-    """How to train; defaults follow the reference (RMSprop, lr 5e-4, batch 50, patience 8)."""
+    """How to train; RMSprop, lr 5e-4, batch 50 as the reference; ``epochs=None`` is the
+    default budget (:func:`default_epochs`)."""
 
-    epochs: int = 10
+    epochs: int | None = None
     batch_size: int = 50
     learn_rate: float = 5e-4
     seed: int | None = None
@@ -256,7 +311,7 @@ class TrainOptions:
     threads: int | None = None
 
     def validate(self) -> None:
-        if self.epochs < 0:
+        if self.epochs is not None and self.epochs < 0:
             raise ValueError(f"epochs must be >= 0, got {self.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")

@@ -20,7 +20,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .checkpoints import CHECKPOINT_NAME, Checkpoint, model_config, save_checkpoint, unwrap
-from .config import CheckpointError, MEVAEConfig, TrainingDiverged, TrainOptions
+from .config import (
+    CheckpointError,
+    MEVAEConfig,
+    TrainingDiverged,
+    TrainOptions,
+    default_epochs,
+    patience_epochs,
+)
 from .model import MEVAE, VAEOutput
 from .speedups import AUTOCAST_DTYPES, BatchLoader, FusedRMSprop, resolve_precision, tune_malloc
 
@@ -161,6 +168,11 @@ class Trainer:
                 f"--batch_size {self.options.batch_size} is the global batch and must be divisible "
                 f"by the number of processes ({self.world})"
             )
+        n = len(dataset)  # type: ignore[arg-type]
+        #: epochs of this run (the default budget unless options.epochs says otherwise)
+        self.epochs = self.options.epochs if self.options.epochs is not None else default_epochs(n)
+        #: epochs without improvement before early stopping (more than ``patience`` on small sets)
+        self.patience = patience_epochs(self.options.patience, n)
         self._optimizer: torch.optim.Optimizer | None = None  # made at the first step
         self._resume_optimizer_state = resume.optimizer_state if resume is not None else None
         self.start_epoch = 0
@@ -338,7 +350,7 @@ class Trainer:
 
     def _run(self) -> Generator[TrainReport, None, MEVAE]:
         opts = self.options
-        total_epochs = self.start_epoch + opts.epochs
+        total_epochs = self.start_epoch + self.epochs
         good_state = _copy_state(self.model)
         best = math.inf
         bad_epochs = 0
@@ -436,12 +448,17 @@ class Trainer:
                     total_epochs,
                     checkpoint=str(ckpt or ""),
                 )
-                if opts.earlystop and self.kl_ramp(epoch) >= 1.0:  # a full-weight epoch
+                # early stopping counts full-weight epochs (after the KL warm-up) of a model
+                # that uses its latent space: a loss plateau before that is not the end
+                in_use = self.model_unwrapped.n_active >= min(
+                    2, model_config(self.model).latent_dim
+                )
+                if opts.earlystop and self.kl_ramp(epoch) >= 1.0 and in_use:
                     if mean[0] < best - opts.min_delta:
                         best, bad_epochs = float(mean[0]), 0
                     else:
                         bad_epochs += 1
-                        if bad_epochs >= opts.patience:
+                        if bad_epochs >= self.patience:
                             reason = "early_stop"
                             break
                 if self._stop:
@@ -456,7 +473,7 @@ class Trainer:
         ckpt = self.save(done_epoch)
         msg = {
             "done": f"training finished after {done_epoch} epoch(s)",
-            "early_stop": f"early stop: loss did not improve for {opts.patience} epochs",
+            "early_stop": f"early stop: loss did not improve for {self.patience} epochs",
             "stopped": "training stopped by the user; the model was kept",
         }[reason]
         yield TrainReport(

@@ -43,6 +43,8 @@ __all__ = [
     "cluster_cells",
     "crop_cells",
     "dims_in_use",
+    "CLI_NAMES",
+    "GUI_NAMES",
     "encode_cells",
     "load_train_data",
     "open_targets",
@@ -292,7 +294,7 @@ def run_training(
             logfh.write("epoch\tloss\n")
             logfh.flush()
     steps = steps_per_epoch(len(trainer.sampler), trainer.options.batch_size // trainer.world)
-    total = trainer.start_epoch + trainer.options.epochs
+    total = trainer.start_epoch + trainer.epochs
     yield TrainReport(
         "start",
         trainer.start_epoch,
@@ -358,28 +360,38 @@ def train_on_crops(
     return str(trainer.last_checkpoint)
 
 
-def dims_in_use(model: MEVAE) -> str:
-    """One line on the latent dimensions the trained model uses, and what to change when it
-    uses none (every front end prints it after training)."""
+#: how each front end names the settings that dims_in_use suggests changing
+CLI_NAMES = {"epochs": "--epochs", "beta": "--beta", "kl_warmup": "--kl_warmup"}
+GUI_NAMES = {"epochs": "Epochs", "beta": "beta", "kl_warmup": "KL warm-up"}
+
+
+def dims_in_use(model: MEVAE, names: dict[str, str] = CLI_NAMES) -> str:
+    """One line on the latent dimensions the trained model uses and, when it uses fewer than 2
+    (too few for clusters to mean much), what to change; every front end shows it after
+    training, naming the settings as that front end does (``names``)."""
     if not model.activity_measured:
         return "latent dimensions in use: not measured (the model has not trained yet)"
-    if model.n_active:
-        return (
-            f"latent dimensions in use: {model.n_active} of {model.config.latent_dim} "
-            "(the others are 0 in the encodings)"
-        )
+    n, latent = model.n_active, model.config.latent_dim
+    if n >= min(2, latent):
+        return f"latent dimensions in use: {n} of {latent} (the others are 0 in the encodings)"
     size = model.config.image_size
     balanced = kl_weight("mevae", size)
-    hint = (
-        f"lower --beta: at image size {size}, --beta {balanced:g} (the default) keeps the "
-        "reference's balance between reconstruction and KL"
-        if model.config.beta > balanced * 1.01
-        else "train longer (--epochs) or ramp the KL weight up (--kl_warmup)"
+    if model.config.beta > balanced * 1.01:
+        hint = (
+            f"lower {names['beta']} to {balanced:g}, the default at image size {size}: the "
+            "reference's balance between reconstruction and KL"
+        )
+    else:
+        hint = (
+            f"train longer (more {names['epochs']}) or ramp the KL weight up ({names['kl_warmup']})"
+        )
+    what = (
+        "0: the model has not learned to use its latent space yet; the encodings keep every "
+        "dimension"
+        if n == 0
+        else f"only {n} of {latent}: too few for clusters to mean much"
     )
-    return (
-        "latent dimensions in use: 0: the model has not learned to use its latent space yet; "
-        f"the encodings keep every dimension. Try: {hint}"
-    )
+    return f"latent dimensions in use: {what}. Try: {hint}"
 
 
 # -- analysis ----------------------------------------------------------------------------------

@@ -31,8 +31,9 @@ def notes(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
     """Messages the widget showed through napari notifications, by level."""
     from napari_mevae._widgets import _host
 
-    got: dict[str, list[str]] = {"error": [], "info": []}
+    got: dict[str, list[str]] = {"error": [], "warning": [], "info": []}
     monkeypatch.setattr(_host, "show_error", lambda m: got["error"].append(str(m)))
+    monkeypatch.setattr(_host, "show_warning", lambda m: got["warning"].append(str(m)))
     monkeypatch.setattr(_host, "show_info", lambda m: got["info"].append(str(m)))
     return got
 

@@ -211,6 +211,6 @@ def test_kl_warmup_and_precision_reach_the_trainer(extracted, qtbot, notes):
     _train(qtbot, widget, epochs=1)
     assert not notes["error"], notes["error"]
     # the step status says where and in what precision the run trains
-    assert any(t.startswith("Epoch 1/1, step") and "cells/s on cpu, float32)" in t for t in shown)
+    assert any(t.startswith("Epoch 1/1, step") and "cells/s on cpu, float32" in t for t in shown)
     assert m.last_options.kl_warmup == 3.0 and m.last_options.precision == "float32"
     assert widget.session.model is not None

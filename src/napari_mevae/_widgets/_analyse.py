@@ -190,6 +190,14 @@ class AnalysePanel(Panel):
         if s.labels_layer is None or s.labels_layer not in self.viewer.layers:
             self.error("The labels layer the cells came from was removed; extract the cells again.")
             return None
+        model = s.model
+        if model is not None and model.activity_measured and model.n_active < 2:
+            self.warn(
+                f"Clustering features of a model that uses {model.n_active} latent "
+                "dimension(s): the clusters will mostly split cells along that one value. "
+                + workflow.dims_in_use(model, workflow.GUI_NAMES).split("Try: ")[-1].capitalize()
+                + " in the Model tab for features that hold more of the cell."
+            )
         worker = create_worker(
             workflow.cluster_cells,
             s.latents,

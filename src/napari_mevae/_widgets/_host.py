@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import napari
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QLabel, QTabWidget, QVBoxLayout, QWidget
 
@@ -70,6 +70,12 @@ class MEVAEWidget(QWidget):
         self.status.setText(f"Error: {msg}")
         self.status.setStyleSheet("color: #ff7f7f;")
         show_error(msg)
+
+    def warn(self, msg: str) -> None:
+        """Something the user should know before going on (nothing was refused)."""
+        self.status.setText(f"Warning: {msg}")
+        self.status.setStyleSheet("color: #ffd27f;")
+        show_warning(msg)
 
     def info(self, msg: str) -> None:
         self.status.setText(msg)

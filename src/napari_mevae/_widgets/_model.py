@@ -35,6 +35,8 @@ from ..config import (
     CheckpointError,
     InputError,
     TrainOptions,
+    default_epochs,
+    estimate_seconds,
     model_kind,
     size_scaled_beta,
 )
@@ -46,6 +48,15 @@ __all__ = ["TRAIN_RECON_LAYER", "ModelPanel"]
 
 TRAIN_RECON_LAYER = "ME-VAE reconstructions (training)"
 PREVIEW_CELLS = 8  # cells whose reconstructions are shown after every epoch
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, float(seconds))
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _stream(run: ChildRun) -> Any:
@@ -83,17 +94,22 @@ class ModelPanel(Panel):
         self.latent = QSpinBox()
         self.latent.setRange(2, 512)
         self.latent.setValue(16)
+        defaults = TrainOptions()
         self.epochs = QSpinBox()
-        self.epochs.setRange(1, 10000)
-        self.epochs.setValue(10)
+        self.epochs.setRange(0, 100_000)
+        self.epochs.setSpecialValueText("auto")  # 0: the default budget for these cells
+        self.epochs.setToolTip(
+            "auto: a budget that fits the cells (30 passes, but at least 40,000 and at most "
+            "400,000 images seen)"
+        )
         self.batch = QSpinBox()
         self.batch.setRange(1, 4096)
-        self.batch.setValue(32)
+        self.batch.setValue(defaults.batch_size)
         self.lr = QDoubleSpinBox()
         self.lr.setDecimals(6)
         self.lr.setRange(1e-6, 1.0)
         self.lr.setSingleStep(1e-4)
-        self.lr.setValue(5e-4)
+        self.lr.setValue(defaults.learn_rate)
         self.device = QComboBox()
         self.device.addItems(["auto", "cpu", "cuda"])
         self.seed = QSpinBox()
@@ -120,6 +136,8 @@ class ModelPanel(Panel):
         self.stop_btn.setEnabled(False)
         self.save_btn = button("Save checkpoint...", self.save_checkpoint)
         self.load_btn = button("Load checkpoint...", self.load_checkpoint)
+        self.budget = QLabel()
+        self.budget.setWordWrap(True)
         self.progress = QProgressBar()
         self.progress.setValue(0)
         self.status = QLabel("No model yet.")
@@ -132,6 +150,7 @@ class ModelPanel(Panel):
         form.addRow("beta", self.beta)
         form.addRow("Latent dim", self.latent)
         form.addRow("Epochs", self.epochs)
+        form.addRow("", self.budget)
         form.addRow("Batch size", self.batch)
         form.addRow("Learning rate", self.lr)
         form.addRow("Device", self.device)
@@ -164,11 +183,17 @@ class ModelPanel(Panel):
         self._run_desc = ""
         self._run_start_epoch = 0
         self._steps = 1
+        self._epochs = 0
         self._preview: np.ndarray | None = None
         self._last_status = 0.0
         self._type_changed(self.type_combo.currentText())
         self._nuisances_toggled()
         self.session.model_changed.connect(self._describe_model)
+        self.session.cells_changed.connect(self._show_budget)
+        for box in (self.epochs, self.batch, self.latent):
+            box.valueChanged.connect(self._show_budget)
+        self.type_combo.currentTextChanged.connect(self._show_budget)
+        self._show_budget()
 
     # -- choices -----------------------------------------------------------------------------
     def nuisances(self) -> list[str]:
@@ -184,6 +209,29 @@ class ModelPanel(Panel):
         mevae = MODEL_KINDS[self.type_combo.currentText()] == "mevae"
         self.k_label.setText(f"K = {len(names) if mevae else 1}")
         self.session.set_nuisances(names)
+        if hasattr(self, "budget"):
+            self._show_budget()
+
+    def _show_budget(self, *_: Any) -> None:
+        """What Train will do with the current cells and settings, and about how long."""
+        s = self.session
+        if s.cells is None:
+            self.budget.setText("Budget: extract cells first.")
+            return
+        n, c, size = s.crops.shape[0], s.crops.shape[1], s.crops.shape[-1]
+        epochs = self.epochs.value() or default_epochs(n)
+        steps = epochs * workflow.steps_per_epoch(n, self.batch.value())
+        images = epochs * n
+        kind = MODEL_KINDS[self.type_combo.currentText()]
+        nuisances = self.nuisances() or ["rotation"]
+        cfg = workflow.build_config(
+            kind, image_size=size, channels=c, nuisances=nuisances, latent_dim=self.latent.value()
+        )
+        secs = estimate_seconds(cfg, images, workflow.background_threads())
+        self.budget.setText(
+            f"Budget: {epochs:,} epochs of {n:,} cells = {steps:,} steps, {images:,} images "
+            f"seen; about {_duration(secs)} on this computer's CPU (estimated)."
+        )
 
     def _type_changed(self, text: str) -> None:
         self.beta.setEnabled(text == "beta-VAE")
@@ -199,15 +247,18 @@ class ModelPanel(Panel):
         cfg = model.config
         done = len([h for h in self.session.history if not h.get("partial")])
         nuis = ", ".join(cfg.nuisances) or "none"
-        used = ""
-        if model.activity_measured:
-            used = f" ({model.n_active} in use{'' if model.n_active else ': train longer'})"
+        used = f" ({model.n_active} in use)" if model.activity_measured else ""
         source = f" - {self.session.model_source}" if self.session.model_source else ""
-        self.status.setText(
+        text = (
             f"Model: {model_kind(cfg)}, K={cfg.n_encoders} ({nuis}), latent {cfg.latent_dim}"
             f"{used}, {cfg.image_size} px, {cfg.channels} channel(s); {done} epoch(s) trained"
             f"{source}."
         )
+        few = model.activity_measured and model.n_active < min(2, cfg.latent_dim)
+        if few:  # say so where the user looks, with what to change
+            text += " Warning: " + workflow.dims_in_use(model, workflow.GUI_NAMES) + "."
+        self.status.setText(text)
+        self.status.setStyleSheet("color: #ffd27f;" if few else "")
 
     # -- training ----------------------------------------------------------------------------
     def train(self) -> Any:
@@ -251,7 +302,7 @@ class ModelPanel(Panel):
         self._run_dir = self.autosave.text().strip() or tempfile.mkdtemp(dir=self._scratch.name)
         threads = workflow.background_threads()
         options = TrainOptions(
-            epochs=self.epochs.value(),
+            epochs=self.epochs.value() or default_epochs(n),
             batch_size=self.batch.value(),
             learn_rate=self.lr.value(),
             device=self.device.currentText(),
@@ -311,7 +362,8 @@ class ModelPanel(Panel):
             self._steps = report.steps_per_epoch
             self._run_start_epoch = report.epoch
             self._run_desc = report.message  # what "auto" resolved to, e.g. "cpu, bf16"
-            self.progress.setRange(0, max(1, self.epochs.value() * self._steps))
+            self._epochs = report.epochs - report.epoch
+            self.progress.setRange(0, max(1, self._epochs * self._steps))
             return
         done_steps = (report.epoch - self._run_start_epoch) * self._steps + report.step
         if report.kind == "step":
@@ -323,10 +375,12 @@ class ModelPanel(Panel):
                 return  # a human rate: fast runs yield hundreds of steps a second
             self._last_status = now
             self.progress.setValue(min(self.progress.maximum(), done_steps))
+            left = (self.progress.maximum() - done_steps) * self.batch.value()
+            eta = f", {_duration(left / report.images_per_s)} left" if report.images_per_s else ""
             self.status.setText(
                 f"Epoch {report.epoch + 1}/{report.epochs}, step {report.step}/"
                 f"{report.steps_per_epoch}: loss {report.loss:.2f} "
-                f"({report.images_per_s:.0f} cells/s on {self._run_desc})"
+                f"({report.images_per_s:.0f} cells/s on {self._run_desc}{eta})"
             )
         elif report.kind == "epoch":
             self.progress.setValue(min(self.progress.maximum(), done_steps))

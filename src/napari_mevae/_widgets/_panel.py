@@ -74,6 +74,8 @@ class Host(Protocol):
 
     def error(self, msg: str) -> None: ...
 
+    def warn(self, msg: str) -> None: ...
+
     def info(self, msg: str) -> None: ...
 
 
@@ -94,6 +96,9 @@ class Panel(QWidget):
 
     def error(self, msg: str) -> None:
         self.host.error(msg)
+
+    def warn(self, msg: str) -> None:
+        self.host.warn(msg)
 
     def info(self, msg: str) -> None:
         self.host.info(msg)
