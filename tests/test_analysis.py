@@ -139,3 +139,21 @@ def test_latent_walk_is_every_dimensions_traversal_decoded_in_batches():
     assert walk.shape == (8, 5, 1, 32, 32)
     for d in (0, 3, 7):
         np.testing.assert_allclose(walk[d], latent_traversal(model, d, steps=5), atol=1e-6)
+
+
+def test_umap_of_many_cells_fits_a_subsample_and_places_the_rest():
+    from napari_mevae.analysis import run_umap
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 10, (3, 6))
+    truth = rng.integers(0, 3, 300)
+    latents = (centres[truth] + rng.normal(0, 0.5, (300, 6))).astype(np.float32)
+    emb = run_umap(latents, fit_max=100)
+    assert emb.shape == (300, 2) and np.isfinite(emb).all()
+    # the transformed cells land with their group: nearest fitted neighbour shares the class
+    from sklearn.neighbors import KNeighborsClassifier
+
+    fit = np.sort(np.random.default_rng(0).choice(300, 100, replace=False))
+    rest = np.setdiff1d(np.arange(300), fit)
+    knn = KNeighborsClassifier(3).fit(emb[fit], truth[fit])
+    assert (knn.predict(emb[rest]) == truth[rest]).mean() > 0.95

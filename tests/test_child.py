@@ -83,3 +83,25 @@ def drain_gen(gen) -> tuple[list, object]:
             items.append(next(gen))
         except StopIteration as stop:
             return items, stop.value
+
+
+def test_a_waiting_submit_starts_when_the_job_before_has_ended():
+    import threading
+
+    service = ChildService()
+    try:
+        first = service.submit("child_targets:count", 3)
+        got = {}
+
+        def second():
+            got["value"] = drain_gen(service.submit("child_targets:count", 2, wait=True))[1]
+
+        t = threading.Thread(target=second)
+        t.start()
+        t.join(0.3)
+        assert t.is_alive()  # waiting for the first job
+        assert list(first) == [0, 1, 2]
+        t.join(30)
+        assert got["value"] == "counted 2"
+    finally:
+        service.close()

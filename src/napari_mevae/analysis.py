@@ -198,9 +198,16 @@ def latent_walk(
 
 
 def run_umap(
-    latents: np.ndarray, n_neighbors: int = 15, min_dist: float = 0.1, seed: int | None = 0
+    latents: np.ndarray,
+    n_neighbors: int = 15,
+    min_dist: float = 0.1,
+    seed: int | None = 0,
+    fit_max: int = 20_000,
 ) -> np.ndarray:
-    """2-D UMAP embedding ``(N, 2)``; tiny sets (< 4 cells) fall back to PCA-like zeros."""
+    """2-D UMAP embedding ``(N, 2)``; tiny sets (< 4 cells) fall back to PCA-like zeros.
+
+    Above ``fit_max`` cells UMAP is fitted on a random ``fit_max`` of them and the others are
+    placed with ``transform``: time grows linearly instead of with the neighbour graph of all."""
     latents = np.asarray(latents, dtype=np.float32)
     n = latents.shape[0]
     if n < 4:
@@ -215,14 +222,21 @@ def run_umap(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reducer = umap.UMAP(
-            n_neighbors=min(n_neighbors, n - 1),
+            n_neighbors=min(n_neighbors, n - 1, fit_max - 1),
             min_dist=min_dist,
             n_components=2,
             random_state=seed,
             n_jobs=1 if seed is not None else -1,
             init="spectral" if n > 10 else "random",
         )
-        return reducer.fit_transform(latents).astype(np.float32)
+        if n <= fit_max:
+            return reducer.fit_transform(latents).astype(np.float32)
+        fit = np.sort(np.random.default_rng(seed).choice(n, fit_max, replace=False))
+        out = np.empty((n, 2), np.float32)
+        out[fit] = reducer.fit_transform(latents[fit])
+        rest = np.setdiff1d(np.arange(n), fit)
+        out[rest] = reducer.transform(latents[rest])
+        return out
 
 
 def cluster(

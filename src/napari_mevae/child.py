@@ -83,6 +83,7 @@ class ChildService:
             env=env,
         )
         self._lock = threading.Lock()
+        self._free = threading.Condition(self._lock)
         self._busy = False
         self._closed = False
         _send(self._proc.stdin, list(sys.path))
@@ -95,11 +96,16 @@ class ChildService:
     def alive(self) -> bool:
         return not self._closed and self._proc.poll() is None
 
-    def submit(self, target: str, *args: Any, **kwargs: Any) -> Generator[Any, None, Any]:
+    def submit(
+        self, target: str, *args: Any, wait: bool = False, **kwargs: Any
+    ) -> Generator[Any, None, Any]:
         """Start ``target`` in the child; the generator returned streams what it yields,
         returns what it returns, re-raises what it raises (with ``child_traceback``) and raises
-        :class:`ChildCrashed` when the child dies.  One job at a time."""
+        :class:`ChildCrashed` when the child dies.  One job at a time: with ``wait`` this
+        blocks until the job before has ended, otherwise a busy child is an error."""
         with self._lock:
+            while self._busy and wait and not self._closed:
+                self._free.wait()
             if self._closed:
                 raise RuntimeError("this background process has been closed")
             if self._busy:
@@ -128,14 +134,18 @@ class ChildService:
                 with contextlib.suppress(ChildCrashed):
                     while self._next_frame()[0] == "yield":
                         pass
-            self._busy = False
+            with self._lock:
+                self._busy = False
+                self._free.notify_all()
 
     def _next_frame(self) -> tuple:
         try:
             return _recv(self._proc.stdout)
         except (EOFError, ValueError, OSError):
             code = self._proc.wait()
-            self._closed = True
+            with self._lock:
+                self._closed = True
+                self._free.notify_all()
             raise ChildCrashed(_death(code)) from None
 
     def stop(self) -> None:
@@ -153,6 +163,7 @@ class ChildService:
             if self._closed and self._proc.returncode is not None:
                 return
             self._closed = True
+            self._free.notify_all()
             with contextlib.suppress(OSError):
                 self._proc.stdin.close()
         try:

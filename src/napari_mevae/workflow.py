@@ -413,6 +413,67 @@ def encode_cells(
     return Encoded(latents, recon)
 
 
+# -- jobs for a background process (child.ChildService: the napari widget's Analyse tab) --------
+def warm_up(*, should_stop: Callable[[], bool] | None = None) -> Generator[None, None, float]:
+    """Import and compile what the analysis needs (torch, UMAP's numba code, scikit-learn) in
+    this process, so the user's first UMAP does not wait for it; returns the seconds taken."""
+    import time
+
+    from .analysis import cluster, run_umap
+    from .model import MEVAE  # noqa: F401 (imports torch)
+
+    t0 = time.perf_counter()
+    x = np.random.default_rng(0).normal(size=(40, 4)).astype(np.float32)
+    run_umap(x)
+    cluster(x, "kmeans", 2)
+    return time.perf_counter() - t0
+    yield  # a generator, as every job
+
+
+_MODELS: dict[tuple[str, float], Any] = {}
+
+
+def encode_job(
+    checkpoint: str,
+    crops: np.ndarray,
+    batch_size: int = 128,
+    *,
+    should_stop: Callable[[], bool] | None = None,
+) -> Generator[tuple[int, int], None, Encoded | None]:
+    """:func:`encode_cells` with the model of ``checkpoint`` (kept loaded while the file is
+    unchanged); ``None`` when stopped."""
+    from .checkpoints import load_checkpoint
+
+    key = (str(checkpoint), Path(checkpoint).stat().st_mtime)
+    if key not in _MODELS:
+        _MODELS.clear()
+        _MODELS[key] = load_checkpoint(checkpoint).build_model("cpu")
+    gen = encode_cells(_MODELS[key], crops, batch_size)
+    while True:
+        try:
+            item = next(gen)
+        except StopIteration as done:
+            return done.value
+        yield item
+        if should_stop is not None and should_stop():
+            return None
+
+
+def cluster_job(
+    latents: np.ndarray,
+    method: str = "kmeans",
+    n_clusters: int = 3,
+    embedding: np.ndarray | None = None,
+    with_umap: bool = True,
+    seed: int = 0,
+    *,
+    should_stop: Callable[[], bool] | None = None,
+) -> Generator[str, None, tuple[np.ndarray | None, np.ndarray]]:
+    """:func:`cluster_cells` as a job (yields the stage it starts)."""
+    yield "umap" if with_umap and embedding is None else "clusters"
+    return cluster_cells(latents, method, n_clusters, embedding, with_umap, seed)
+
+
 def cluster_cells(
     latents: np.ndarray,
     method: str = "kmeans",

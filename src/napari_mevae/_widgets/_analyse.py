@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from napari.qt.threading import create_worker
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -22,9 +23,10 @@ from qtpy.QtWidgets import (
 )
 
 from .. import workflow
+from ..child import ChildService
 from ..config import CheckpointError
 from ._layers import show_image, show_labels, to_tiles
-from ._panel import Host, Panel, button
+from ._panel import Host, Panel, button, job_in
 from ._plots import ScatterPlot
 
 __all__ = ["TRAVERSAL_LAYER", "AnalysePanel"]
@@ -48,6 +50,8 @@ class AnalysePanel(Panel):
         self.umap_chk = QCheckBox("UMAP")
         self.umap_chk.setChecked(True)
         self.cluster_btn = button("Cluster", self.cluster, "cluster the latents again")
+        self.cancel_btn = button("Cancel", self.cancel, "stop encoding or UMAP")
+        self.cancel_btn.setEnabled(False)
         self.progress = QProgressBar()
         self.progress.setValue(0)
         self.scatter = ScatterPlot(on_pick=self.select_cell)
@@ -70,6 +74,7 @@ class AnalysePanel(Panel):
         row = QHBoxLayout()
         row.addWidget(self.umap_chk)
         row.addWidget(self.cluster_btn)
+        row.addWidget(self.cancel_btn)
         lay.addLayout(row)
         lay.addWidget(self.progress)
         lay.addWidget(self.scatter)
@@ -84,6 +89,38 @@ class AnalysePanel(Panel):
         lay.addStretch(1)
         self.session.model_changed.connect(self._model_changed)
         self.session.cells_changed.connect(self._reset_plot)
+        # encoding, UMAP and clustering run in one background process, started (and UMAP
+        # compiled in it) when this tab is first shown, so the first UMAP answers in seconds
+        self.service: ChildService | None = None
+        self._warm_worker: Any = None
+        self._warm = False  # UMAP imported and compiled in the background process
+        self._cancelled = False
+
+    def showEvent(self, event: Any) -> None:  # noqa: N802 (Qt API)
+        super().showEvent(event)
+        self.warm_up()
+
+    def warm_up(self) -> None:
+        """Start the background process and have it import and compile UMAP, once."""
+        if self.service is not None and self.service.alive:
+            return
+        self.service = ChildService(threads=workflow.background_threads())
+        self._warm_worker = create_worker(
+            job_in, self.service, "napari_mevae.workflow:warm_up", _start_thread=False
+        )
+        self._warm = False
+        self._warm_worker.returned.connect(self._warmed)
+        self._warm_worker.errored.connect(lambda err: None)  # the next job reports it
+        self._warm_worker.start()
+
+    def _warmed(self, seconds: float) -> None:
+        self._warm = True
+
+    def close_service(self) -> None:
+        if self.service is not None:
+            self.service.kill()
+            self.service.close(timeout=5)
+            self.service = None
 
     def _model_changed(self) -> None:
         if self.session.model is not None:
@@ -125,10 +162,16 @@ class AnalysePanel(Panel):
         except CheckpointError as err:
             self.error(f"Cannot encode: {err}")
             return None
+        if not s.checkpoint_path:
+            self.error("The model has no checkpoint file: save it (Model tab) and encode again.")
+            return None
+        self.warm_up()
         batch = 128
         worker = create_worker(
-            workflow.encode_cells,
-            s.model,
+            job_in,
+            self.service,
+            "napari_mevae.workflow:encode_job",
+            s.checkpoint_path,
             crops,
             batch,
             _progress={"total": math.ceil(len(crops) / batch), "desc": "ME-VAE: encoding"},
@@ -152,13 +195,40 @@ class AnalysePanel(Panel):
     def _set_enabled(self, on: bool) -> None:
         for b in (self.encode_btn, self.cluster_btn, self.traverse_btn):
             b.setEnabled(on)
+        self.cancel_btn.setEnabled(not on)
+
+    def _on_stage(self, stage: str) -> None:
+        if stage == "umap":
+            self.status.setText(f"UMAP of {len(self.session.latents)} cells...")
+        else:
+            self.status.setText("Clustering...")
+
+    def cancel(self) -> None:
+        """Stop encoding at the next batch; UMAP cannot stop halfway, so its process is ended
+        (the next analysis starts a new one)."""
+        if not self.busy or self.service is None:
+            return
+        self._cancelled = True
+        self.service.stop()
+        self.status.setText("Cancelling...")
+        QTimer.singleShot(1000, self._end_if_still_busy)
+
+    def _end_if_still_busy(self) -> None:
+        if self.busy and self._cancelled and self.service is not None:
+            self.service.kill()  # the worker then ends with ChildCrashed, shown as cancelled
 
     def _on_error(self, err: Exception) -> None:
+        if self._cancelled:
+            self.status.setText("Cancelled; nothing was changed.")
+            return
         self.error(f"Analysis failed: {err}")
 
     def _on_finished(self) -> None:
         self._worker = None
+        self._cancelled = False
         self._set_enabled(True)
+        self.progress.setRange(0, 1)
+        self.progress.setValue(1)
 
     def _on_encode_progress(self, item: tuple[int, int]) -> None:
         done, total = item
@@ -166,6 +236,9 @@ class AnalysePanel(Panel):
         self.progress.setValue(done)
 
     def _on_encoded(self, result: Any) -> None:
+        if result is None:  # cancelled between batches
+            self.status.setText("Encoding cancelled; nothing was changed.")
+            return
         s = self.session
         s.latents, s.recon = result.latents, result.recon
         s.embedding = s.clusters = None
@@ -198,8 +271,11 @@ class AnalysePanel(Panel):
                 + workflow.dims_in_use(model, workflow.GUI_NAMES).split("Try: ")[-1].capitalize()
                 + " in the Model tab for features that hold more of the cell."
             )
+        self.warm_up()
         worker = create_worker(
-            workflow.cluster_cells,
+            job_in,
+            self.service,
+            "napari_mevae.workflow:cluster_job",
             s.latents,
             self.method.currentText(),
             self.n_clusters.value(),
@@ -209,12 +285,17 @@ class AnalysePanel(Panel):
             _start_thread=False,
             _connect={"errored": self._on_error},
         )
+        worker.yielded.connect(self._on_stage)
         worker.returned.connect(self._apply_results)
         worker.finished.connect(self._on_finished)
         self._worker = worker
         self._set_enabled(False)
         self.progress.setRange(0, 0)
-        self.status.setText("UMAP + clustering...")
+        self.status.setText(
+            "UMAP + clustering..."
+            if self._warm
+            else "Loading UMAP (the first time in a session takes 10-30 s; later runs are fast)..."
+        )
         worker.start()
         return worker
 

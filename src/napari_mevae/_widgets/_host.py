@@ -61,8 +61,10 @@ class MEVAEWidget(QWidget):
         return any(p.busy for p in self.panels)
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt API)
-        """Closing the dock stops a running training (its process saves the model)."""
+        """Closing the dock stops a running training (its process saves the model) and ends
+        the analysis process."""
         self.model_panel.stop()
+        self.analyse_panel.close_service()
         super().closeEvent(event)
 
     def error(self, msg: str) -> None:

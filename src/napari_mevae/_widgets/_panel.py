@@ -13,7 +13,7 @@ from qtpy.QtWidgets import QPushButton, QWidget
 
 from ..config import CropSettings
 
-__all__ = ["Host", "Panel", "Session", "button"]
+__all__ = ["Host", "Panel", "Session", "button", "job_in"]
 
 
 class Session(QObject):
@@ -110,3 +110,10 @@ def button(text: str, slot: Any, tip: str = "") -> QPushButton:
     if tip:
         b.setToolTip(tip)
     return b
+
+
+def job_in(service: Any, target: str, *args: Any) -> Any:
+    """A thread worker's body: one job of a background process (child.ChildService), started
+    once the job before it has ended; forwards what the job yields (waiting on the pipe
+    releases the GIL, so the GUI thread runs freely) and returns what it returns."""
+    return (yield from service.submit(target, *args, wait=True))
