@@ -11,7 +11,7 @@ import torch
 from napari.layers import Image, Labels
 from widget_helpers import LABELS, N_CELLS, wait_idle
 
-from napari_mevae._widgets._analyse import TRAVERSAL_LAYER
+from napari_mevae._widgets._analyse import SELECTION_LAYER, TRAVERSAL_LAYER
 from napari_mevae._widgets._cells import PAIRS_LAYER
 from napari_mevae._widgets._model import TRAIN_RECON_LAYER
 
@@ -39,6 +39,18 @@ def test_full_flow(extracted, qtbot, tmp_path, notes):
     pairs = viewer.layers[PAIRS_LAYER]
     assert isinstance(pairs, Image)
     assert pairs.data.shape[1] > 3 * 32 and pairs.data.shape[0] > 4 * 32  # 3 columns, 4 rows
+    # the columns are labelled, and the view shows both the image and the new montage
+    names = viewer.layers[f"{PAIRS_LAYER} (columns)"]
+    assert list(names.features["column"]) == [
+        "rotation randomised",
+        "polarity randomised",
+        "target",
+    ]
+    image_layer = viewer.layers["synthetic cells"]
+    lo = np.minimum(image_layer.extent.world[0][-2:], pairs.extent.world[0][-2:])
+    hi = np.maximum(image_layer.extent.world[1][-2:], pairs.extent.world[1][-2:])
+    assert np.all(lo <= viewer.camera.center[-2:]) and np.all(viewer.camera.center[-2:] <= hi)
+    assert viewer.dims.ndim == 3  # the image's channel slider only: no slider of our own
 
     # train one short epoch: loss curve, training reconstructions, a model kept
     _train(qtbot, widget, epochs=1)
@@ -79,7 +91,15 @@ def test_full_flow(extracted, qtbot, tmp_path, notes):
         assert set(np.unique(clusters.data[labels.data == lab])) == {cl}
     assert (clusters.data[labels.data == 0] == 0).all()
     recon = viewer.layers[f"{LABELS} reconstructions"]
-    assert recon.data.shape[0] == n  # one reconstruction per cell (RGB display of 2 channels)
+    assert recon.rgb and recon.data.ndim == 3  # one montage of every cell: no slider added
+    side = int(np.ceil(np.sqrt(n)))
+    assert recon.data.shape[1] >= side * 32 and recon.data.shape[0] >= np.ceil(n / side) * 32
+    assert viewer.dims.ndim == 3
+    # one colour per cluster: the clusters layer paints each cluster as the scatter draws it
+    from napari_mevae._widgets._plots import cluster_color
+
+    for c in set(feats["cluster"]):
+        assert np.allclose(clusters.colormap.color_dict[int(c)], cluster_color(int(c)))
 
     # a clustering that cannot work fails in its worker with a clear message; nothing changes
     a.n_clusters.setValue(99)
@@ -95,13 +115,28 @@ def test_full_flow(extracted, qtbot, tmp_path, notes):
     assert len(sc.xy) == n
     row = 2
     x, y = sc.xy[row]
+    zoom_before = viewer.camera.zoom
     sc._on_click(SimpleNamespace(inaxes=sc.ax, xdata=float(x), ydata=float(y)))
-    assert labels.selected_label == int(feats["label"][row])
-    assert labels.show_selected_label
+    assert sc.selected == row
+    # the cell is outlined on top of every layer, centred and zoomed on
+    outline = viewer.layers[SELECTION_LAYER]
+    assert viewer.layers.index(outline) == len(viewer.layers) - 1 and outline.contour == 2
+    assert np.array_equal(outline.data > 0, labels.data == int(feats["label"][row]))
     assert np.allclose(
         viewer.scene.camera.center[-2:], feats.loc[row, ["centroid_y", "centroid_x"]], atol=1
     )
-    labels.show_selected_label = False
+    assert viewer.camera.zoom > zoom_before
+    # a click on another cell in the viewer rings its point in the scatter
+    other = 5
+    where = feats.loc[other, ["centroid_y", "centroid_x"]].to_numpy(float)
+    assert labels.data[tuple(np.round(where).astype(int))] == feats["label"][other]
+    press = SimpleNamespace(type="mouse_press", position=tuple(where))
+    click = a._on_viewer_click(viewer, press)
+    next(click)
+    press.type = "mouse_release"
+    with pytest.raises(StopIteration):
+        next(click)
+    assert sc.selected == other and s.selected_row == other
 
     # latent traversal of one dimension
     walk = a.show_traversal(dim=1)

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from napari.qt.threading import create_worker
+from napari.utils.colormaps import DirectLabelColormap
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -27,11 +28,12 @@ from ..child import ChildService
 from ..config import CheckpointError
 from ._layers import show_image, show_labels, to_tiles
 from ._panel import Host, Panel, button, job_in
-from ._plots import ScatterPlot
+from ._plots import ScatterPlot, cluster_color
 
-__all__ = ["TRAVERSAL_LAYER", "AnalysePanel"]
+__all__ = ["SELECTION_LAYER", "TRAVERSAL_LAYER", "AnalysePanel"]
 
 TRAVERSAL_LAYER = "ME-VAE latent traversal"
+SELECTION_LAYER = "ME-VAE selected cell"
 # columns features_table writes: old values of these are replaced, never merged
 _RESULT_COLUMNS = ("index", "label", "plane", "centroid_y", "centroid_x", "cluster")
 
@@ -89,6 +91,7 @@ class AnalysePanel(Panel):
         lay.addStretch(1)
         self.session.model_changed.connect(self._model_changed)
         self.session.cells_changed.connect(self._reset_plot)
+        self.viewer.mouse_drag_callbacks.append(self._on_viewer_click)
         # encoding, UMAP and clustering run in one background process, started (and UMAP
         # compiled in it) when this tab is first shown, so the first UMAP answers in seconds
         self.service: ChildService | None = None
@@ -243,12 +246,13 @@ class AnalysePanel(Panel):
         s.latents, s.recon = result.latents, result.recon
         s.embedding = s.clusters = None
         labels = s.labels_layer
+        ncols = max(1, math.ceil(math.sqrt(len(result.recon))))
         show_image(
             self.viewer,
             f"{labels.name} reconstructions",
-            _display_stack(result.recon),
+            to_tiles(result.recon, ncols=ncols),
             anchor=s.image_layer,
-            metadata={"rows": "cells in crop order (features row)"},
+            metadata={"layout": f"cells in features-row order, {ncols} per row"},
         )
         self.status.setText(f"{len(s.latents)} cells encoded ({s.latents.shape[1]} features).")
 
@@ -322,6 +326,13 @@ class AnalysePanel(Panel):
             translate=labels.translate,
             metadata={"source_labels": labels.name},
         )
+        s.clusters_layer.colormap = DirectLabelColormap(  # the scatter's colours
+            color_dict={
+                None: np.zeros(4),
+                0: np.zeros(4),
+                **{int(c): cluster_color(int(c)) for c in np.unique(clusters) if c > 0},
+            }
+        )
         s.clusters_layer.features = pd.DataFrame(
             {"index": np.arange(int(clusters.max(initial=0)) + 1)}
         ).assign(cells=lambda d: [int((clusters == i).sum()) for i in d["index"]])
@@ -339,8 +350,9 @@ class AnalysePanel(Panel):
         )
         s.results_changed.emit()
 
-    def select_cell(self, row: int) -> None:
-        """Show the cell of features row ``row`` in the viewer: select its label and centre on it."""
+    def select_cell(self, row: int, zoom: bool = True) -> None:
+        """Show the cell of features row ``row``: its point ringed in the scatter, its outline
+        drawn on top of every layer, and (with ``zoom``) the view centred and zoomed on it."""
         s = self.session
         if s.table is None or not 0 <= row < len(s.table):
             return
@@ -349,18 +361,63 @@ class AnalysePanel(Panel):
         label = int(rec["label"])
         s.selected_row = row
         self.scatter.select(row)
+        self.status.setText(f"Cell {label}: cluster {int(rec['cluster'])}.")
         if labels is None or labels not in self.viewer.layers:
             return
-        labels.selected_label = label
-        labels.show_selected_label = True
+        plane = int(rec["plane"]) if labels.ndim == 3 else None
+        mask = (labels.data[plane] if plane is not None else labels.data) == label
+        if plane is not None:  # the outline on its plane only
+            full = np.zeros(labels.data.shape, np.uint8)
+            full[plane] = mask
+            mask = full
+        outline = show_labels(
+            self.viewer,
+            SELECTION_LAYER,
+            mask.astype(np.uint8),
+            scale=labels.scale,
+            translate=labels.translate,
+            metadata={"source_labels": labels.name, "label": label},
+        )
+        outline.contour = 2
+        outline.colormap = DirectLabelColormap(
+            color_dict={None: np.zeros(4), 0: np.zeros(4), 1: np.array([1.0, 1.0, 1.0, 1.0])}
+        )
+        layers = self.viewer.layers
+        if layers.index(outline) != len(layers) - 1:
+            layers.move(layers.index(outline), len(layers))
+        if not zoom:
+            return
         point = [float(rec["centroid_y"]), float(rec["centroid_x"])]
-        if labels.ndim == 3:
-            point = [float(rec["plane"]), *point]
+        if plane is not None:
+            point = [float(plane), *point]
         world = np.asarray(labels.data_to_world(point))
-        if labels.ndim == 3:
+        if plane is not None:
             self.viewer.dims.set_point(self.viewer.dims.ndim - 3, world[0])
-        _camera(self.viewer).center = tuple(world[-2:])
-        self.status.setText(f"Cell {label}: cluster {int(rec['cluster'])}.")
+        camera = _camera(self.viewer)
+        camera.center = tuple(world[-2:])
+        box = s.cells.kept.iloc[row]  # the same cell: features rows are in crop order
+        extent = max(box["bbox_y1"] - box["bbox_y0"], box["bbox_x1"] - box["bbox_x0"], 1)
+        canvas = min(getattr(self.viewer, "_canvas_size", (600, 600)))
+        camera.zoom = canvas / (4.0 * extent * float(labels.scale[-1]))  # a quarter of the view
+
+    def _on_viewer_click(self, viewer: Any, event: Any) -> Any:
+        """A click (not a drag) on a cell in the viewer rings its point in the scatter."""
+        s = self.session
+        if s.table is None or s.labels_layer is None or s.labels_layer not in viewer.layers:
+            return
+        position = event.position
+        yield
+        if event.type == "mouse_move":
+            return  # a drag pans the view; leave it alone
+        label = s.labels_layer.get_value(position, world=True)
+        if label is None or int(label) == 0:
+            return
+        rows = np.flatnonzero(s.table["label"].to_numpy() == int(label))
+        if s.labels_layer.ndim == 3 and len(rows) > 1:
+            plane = int(round(viewer.dims.point[viewer.dims.ndim - 3]))
+            rows = rows[s.table["plane"].to_numpy()[rows] == plane]
+        if len(rows):
+            self.select_cell(int(rows[0]), zoom=False)
 
     def show_traversal(self, dim: int | None = None) -> np.ndarray | None:
         """Decode a walk along one latent dimension (others at 0, or at the selected cell)."""
@@ -397,12 +454,6 @@ def _camera(viewer: Any) -> Any:
     """The viewer's camera (``viewer.scene.camera`` from napari 0.9, ``viewer.camera`` before)."""
     scene = getattr(viewer, "scene", None)
     return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
-
-
-def _display_stack(images: np.ndarray) -> np.ndarray:
-    from ..figures import to_display
-
-    return to_display(np.asarray(images, np.float32))
 
 
 def _merge_features(old: pd.DataFrame | None, new: pd.DataFrame) -> pd.DataFrame:

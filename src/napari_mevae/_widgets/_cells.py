@@ -22,7 +22,7 @@ from qtpy.QtWidgets import (
 
 from .. import workflow
 from ..config import NORMALIZATIONS, CropSettings
-from ._layers import LayerCombo, infer_layout, layer_array, show_image, to_tiles
+from ._layers import LayerCombo, infer_layout, label_columns, layer_array, show_image, to_tiles
 from ._panel import Host, Panel, button
 
 __all__ = ["PAIRS_LAYER", "CellsPanel"]
@@ -240,11 +240,14 @@ class CellsPanel(Panel):
 
     def _show_pairs(self, result: tuple[np.ndarray, int]) -> None:
         images, k = result
-        show_image(
+        nuis = self.session.nuisances if len(self.session.nuisances) == k else ["all"] * k
+        columns = [f"{n} randomised" for n in nuis] + ["target"]
+        layer = show_image(
             self.viewer,
             PAIRS_LAYER,
             to_tiles(images, ncols=k + 1),
             anchor=self.session.image_layer,
-            metadata={"columns": f"{k} inputs, target"},
+            metadata={"columns": columns},
         )
+        label_columns(self.viewer, layer, columns, images.shape[-1])
         self.info(f"Pairs preview: each row shows {k} encoder input(s) then the target.")

@@ -14,6 +14,7 @@ from qtpy.QtWidgets import QComboBox, QWidget
 __all__ = [
     "LayerCombo",
     "infer_layout",
+    "label_columns",
     "layer_array",
     "place_beside",
     "show_image",
@@ -193,12 +194,16 @@ def _replace_or_add(
                 layer.reset_contrast_limits()
             return layer
         viewer.layers.remove(layer)
-    if anchor is not None and anchor in viewer.layers and "translate" not in kwargs:
+    beside = anchor is not None and anchor in viewer.layers and "translate" not in kwargs
+    if beside:
         ndim = np.ndim(data) - (1 if kwargs.get("rgb") else 0)
         kwargs["translate"] = place_beside(viewer, anchor, ndim)
         kwargs["metadata"] = {**kwargs.get("metadata", {}), "mevae_beside": True}
     add = viewer.add_image if kind is Image else viewer.add_labels
-    return add(data, name=name, **kwargs)
+    layer = add(data, name=name, **kwargs)
+    if beside:  # a new result beside the image: show both
+        viewer.reset_view()
+    return layer
 
 
 def show_image(viewer: Any, name: str, data: np.ndarray, **kwargs: Any) -> Image:
@@ -213,3 +218,25 @@ def show_image(viewer: Any, name: str, data: np.ndarray, **kwargs: Any) -> Image
 def show_labels(viewer: Any, name: str, data: np.ndarray, **kwargs: Any) -> Labels:
     """Like :func:`show_image` for a Labels layer."""
     return _replace_or_add(viewer, name, Labels, np.asarray(data), **kwargs)
+
+
+def label_columns(viewer: Any, layer: Image, names: Sequence[str], tile: int, pad: int = 2) -> Any:
+    """Write ``names`` above the columns of a :func:`to_tiles` montage (a Points layer of text
+    that moves with the montage): what each column of a result shows."""
+    x = [pad + i * (tile + pad) + tile / 2 for i in range(len(names))]
+    coords = np.array([[-0.35 * tile, xi] for xi in x])
+    name = f"{layer.name} (columns)"
+    if name in viewer.layers:
+        viewer.layers.remove(name)
+    return viewer.add_points(
+        coords,
+        name=name,
+        features={"column": list(names)},
+        text={"string": "{column}", "color": "white", "size": 10, "anchor": "center"},
+        size=1,
+        face_color="transparent",
+        border_width=0,
+        translate=tuple(layer.translate[-2:]),
+        scale=tuple(layer.scale[-2:]),
+        metadata={"labels_columns_of": layer.name},
+    )

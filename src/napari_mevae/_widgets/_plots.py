@@ -11,7 +11,22 @@ import numpy as np
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
 
-__all__ = ["LossPlot", "ScatterPlot"]
+__all__ = ["LossPlot", "ScatterPlot", "cluster_color"]
+
+#: cluster 1, 2, ... take matplotlib's tab10 colours in order; 0 (unassigned) is grey.  The
+#: scatter and the clusters Labels layer both use this, so a cluster has one colour everywhere.
+_TAB10 = (
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+    "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+)  # fmt: skip
+
+
+def cluster_color(cluster: int) -> np.ndarray:
+    """RGBA (0..1) of a cluster id."""
+    if cluster <= 0:
+        return np.array([0.6, 0.6, 0.6, 1.0])
+    h = _TAB10[(int(cluster) - 1) % len(_TAB10)]
+    return np.array([int(h[i : i + 2], 16) / 255 for i in (1, 3, 5)] + [1.0])
 
 
 def _style(fig: Figure) -> None:
@@ -142,21 +157,13 @@ class ScatterPlot(FigureCanvasQTAgg):
         ax.clear()
         _style_axes(ax)
         if len(self.xy):
-            sc = ax.scatter(
-                self.xy[:, 0], self.xy[:, 1], c=self.colors, cmap="tab10", s=14, vmin=0, vmax=9
-            )
-            ids = np.unique(self.colors)
+            ids = [int(v) for v in np.unique(self.colors)]
+            for v in ids:  # one call per cluster: its colour and its legend entry
+                pts = self.xy[self.colors == v]
+                name = f"cluster {v}" if v else "unassigned"
+                ax.scatter(pts[:, 0], pts[:, 1], color=cluster_color(v), s=14, label=name)
             if len(ids) <= 10:
-                handles, _ = sc.legend_elements()
-                values = [int(v) for v in np.unique(self.colors)]
-                ax.legend(
-                    handles,
-                    [f"cluster {v}" if v else "unassigned" for v in values][: len(handles)],
-                    fontsize=6,
-                    loc="best",
-                    frameon=False,
-                    labelcolor="#d0d0d0",
-                )
+                ax.legend(fontsize=6, loc="best", frameon=False, labelcolor="#d0d0d0")
             if self.selected is not None and 0 <= self.selected < len(self.xy):
                 px, py = self.xy[self.selected]
                 ax.scatter([px], [py], s=120, facecolors="none", edgecolors="white", lw=1.5)
