@@ -18,7 +18,7 @@ napari's own process:
 and compiled once, then answers in about a second); :class:`ChildRun` is one job in a child of
 its own (a training run).  The protocol is private to this module: pickled frames over the
 child's stdin/stdout (its own prints go to stderr).  The parent sends ``sys.path``, then jobs
-``(target, args, kwargs)`` and ``"stop"``; for each job the child answers ``("yield", item)``
+``(target, args, kwargs, last)`` and ``"stop"``; for each job the child answers ``("yield", item)``
 ..., then ``("return", value)`` or ``("error", exception, traceback text)``.  A target is
 ``"module:function"``, a generator function called as
 ``fn(*args, should_stop=callable, **kwargs)``.  Closing the parent's end also asks the child to
@@ -97,12 +97,13 @@ class ChildService:
         return not self._closed and self._proc.poll() is None
 
     def submit(
-        self, target: str, *args: Any, wait: bool = False, **kwargs: Any
+        self, target: str, *args: Any, wait: bool = False, last: bool = False, **kwargs: Any
     ) -> Generator[Any, None, Any]:
         """Start ``target`` in the child; the generator returned streams what it yields,
         returns what it returns, re-raises what it raises (with ``child_traceback``) and raises
         :class:`ChildCrashed` when the child dies.  One job at a time: with ``wait`` this
-        blocks until the job before has ended, otherwise a busy child is an error."""
+        blocks until the job before has ended, otherwise a busy child is an error.  After a
+        ``last`` job the child ends, whether or not anyone still reads its answer."""
         with self._lock:
             while self._busy and wait and not self._closed:
                 self._free.wait()
@@ -111,7 +112,7 @@ class ChildService:
             if self._busy:
                 raise RuntimeError("the background process is busy with another job")
             self._busy = True
-            _send(self._proc.stdin, (target, args, kwargs))
+            _send(self._proc.stdin, (target, args, kwargs, last))
         return self._results()
 
     def _results(self) -> Generator[Any, None, Any]:
@@ -183,7 +184,7 @@ class ChildRun:
 
     def __init__(self, target: str, *args: Any, threads: int | None = None, **kwargs: Any) -> None:
         self.service = ChildService(threads)
-        self._job = self.service.submit(target, *args, **kwargs)
+        self._job = self.service.submit(target, *args, last=True, **kwargs)
 
     @property
     def pid(self) -> int:
@@ -240,8 +241,11 @@ def _child_main() -> int:
     threading.Thread(target=listen, daemon=True).start()
     while (job := jobs.get()) is not None:
         stop.clear()
+        *job, last = job
         if not _run_job(out, *job, should_stop=stop.is_set):
             return 1
+        if last:
+            break
     return 0
 
 
@@ -282,4 +286,9 @@ def _send_error(out: BinaryIO, err: BaseException) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(_child_main())
+    code = _child_main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # not sys.exit: interpreter shutdown would wait on the stdin reader thread's lock (a daemon
+    # thread blocked in read) and abort; everything the parent needs has been sent
+    os._exit(code)

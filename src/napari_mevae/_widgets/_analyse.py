@@ -92,12 +92,14 @@ class AnalysePanel(Panel):
         self.session.model_changed.connect(self._model_changed)
         self.session.cells_changed.connect(self._reset_plot)
         self.viewer.mouse_drag_callbacks.append(self._on_viewer_click)
+        self.session.state_changed.connect(self.update_buttons)
         # encoding, UMAP and clustering run in one background process, started (and UMAP
         # compiled in it) when this tab is first shown, so the first UMAP answers in seconds
         self.service: ChildService | None = None
         self._warm_worker: Any = None
         self._warm = False  # UMAP imported and compiled in the background process
         self._cancelled = False
+        self.update_buttons()
 
     def showEvent(self, event: Any) -> None:  # noqa: N802 (Qt API)
         super().showEvent(event)
@@ -188,17 +190,21 @@ class AnalysePanel(Panel):
             worker.finished.connect(self.cluster)
             worker.errored.connect(lambda _: worker.finished.disconnect(self.cluster))
         self._worker = worker
-        self._set_enabled(False)
+        self.begin()
         self.progress.setRange(0, len(crops))
         self.progress.setValue(0)
         self.status.setText(f"Encoding {len(crops)} cells...")
         worker.start()
         return worker
 
-    def _set_enabled(self, on: bool) -> None:
-        for b in (self.encode_btn, self.cluster_btn, self.traverse_btn):
-            b.setEnabled(on)
-        self.cancel_btn.setEnabled(not on)
+    def update_buttons(self) -> None:
+        s = self.session
+        idle = not self.busy
+        ready = s.model is not None and not s.training
+        self.encode_btn.setEnabled(idle and ready and s.cells is not None)
+        self.cluster_btn.setEnabled(idle and s.latents is not None)
+        self.traverse_btn.setEnabled(idle and ready)
+        self.cancel_btn.setEnabled(not idle)
 
     def _on_stage(self, stage: str) -> None:
         if stage == "umap":
@@ -229,7 +235,7 @@ class AnalysePanel(Panel):
     def _on_finished(self) -> None:
         self._worker = None
         self._cancelled = False
-        self._set_enabled(True)
+        self.update_buttons()
         self.progress.setRange(0, 1)
         self.progress.setValue(1)
 
@@ -293,7 +299,7 @@ class AnalysePanel(Panel):
         worker.returned.connect(self._apply_results)
         worker.finished.connect(self._on_finished)
         self._worker = worker
-        self._set_enabled(False)
+        self.begin()
         self.progress.setRange(0, 0)
         self.status.setText(
             "UMAP + clustering..."

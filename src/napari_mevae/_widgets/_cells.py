@@ -96,6 +96,13 @@ class CellsPanel(Panel):
         lay.addWidget(self.summary)
         lay.addStretch(1)
         self.extract_progress.connect(self._on_progress)
+        self.session.state_changed.connect(self.update_buttons)
+        self.update_buttons()
+
+    def update_buttons(self) -> None:
+        s = self.session
+        self.extract_btn.setEnabled(not self.busy and not s.training)
+        self.preview_btn.setEnabled(not self.busy and s.cells is not None)
 
     def settings(self) -> CropSettings:
         return CropSettings(
@@ -166,7 +173,7 @@ class CellsPanel(Panel):
         worker.returned.connect(lambda cells: self._on_cells(cells, image, labels, settings))
         worker.finished.connect(self._on_finished)
         self._worker = worker
-        self.extract_btn.setEnabled(False)
+        self.begin()
         self.progress.setRange(0, 0)
         self.summary.setText(f"Cropping cells of {labels.name!r}...")
         worker.start()
@@ -182,7 +189,7 @@ class CellsPanel(Panel):
 
     def _on_finished(self) -> None:
         self._worker = None
-        self.extract_btn.setEnabled(True)
+        self.update_buttons()
         self.progress.setRange(0, 1)
         self.progress.setValue(1)
 
@@ -230,13 +237,13 @@ class CellsPanel(Panel):
         worker.returned.connect(self._show_pairs)
         worker.finished.connect(self._preview_done)
         self._worker = worker
-        self.preview_btn.setEnabled(False)
+        self.begin()
         worker.start()
         return worker
 
     def _preview_done(self) -> None:
         self._worker = None
-        self.preview_btn.setEnabled(True)
+        self.update_buttons()
 
     def _show_pairs(self, result: tuple[np.ndarray, int]) -> None:
         images, k = result

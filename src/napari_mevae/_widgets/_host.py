@@ -15,7 +15,7 @@ from typing import Any
 
 import napari
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import Qt
+from qtpy.QtCore import QEvent, Qt
 from qtpy.QtWidgets import QLabel, QTabWidget, QVBoxLayout, QWidget
 
 from ._analyse import AnalysePanel
@@ -50,6 +50,7 @@ class MEVAEWidget(QWidget):
         lay.addWidget(self.tabs)
         lay.addWidget(self.status)
         self.setMinimumWidth(340)
+        self._watched: Any = None  # the top-level window whose closing ends our processes
 
     @property
     def panels(self) -> tuple[Panel, ...]:
@@ -61,11 +62,31 @@ class MEVAEWidget(QWidget):
         return any(p.busy for p in self.panels)
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt API)
-        """Closing the dock stops a running training (its process saves the model) and ends
-        the analysis process."""
+        self.end_background()
+        super().closeEvent(event)
+
+    def event(self, event: Any) -> bool:
+        # shown in napari's window: watch it, so closing the viewer ends our processes
+        if event.type() in (QEvent.Type.Show, QEvent.Type.ParentChange):
+            window = self.window()
+            if window is not self and window is not self._watched:
+                window.installEventFilter(self)
+                self._watched = window
+        return super().event(event)
+
+    def eventFilter(self, obj: Any, event: Any) -> bool:  # noqa: N802 (Qt API)
+        if event.type() == QEvent.Type.Close:
+            self.end_background()
+        return False
+
+    def end_background(self) -> None:
+        """The dock or the viewer closes: a running training stops after its step (its
+        process saves the model and ends), the analysis process ends, and no worker touches
+        the widgets any more."""
+        for panel in self.panels:
+            panel.detach()
         self.model_panel.stop()
         self.analyse_panel.close_service()
-        super().closeEvent(event)
 
     def error(self, msg: str) -> None:
         """Tell the user what is wrong (status line + napari notification); change nothing."""
@@ -78,6 +99,10 @@ class MEVAEWidget(QWidget):
         self.status.setText(f"Warning: {msg}")
         self.status.setStyleSheet("color: #ffd27f;")
         show_warning(msg)
+
+    def clear_status(self) -> None:
+        self.status.setText("")
+        self.status.setStyleSheet("")
 
     def info(self, msg: str) -> None:
         self.status.setText(msg)

@@ -189,11 +189,21 @@ class ModelPanel(Panel):
         self._type_changed(self.type_combo.currentText())
         self._nuisances_toggled()
         self.session.model_changed.connect(self._describe_model)
+        self.session.state_changed.connect(self.update_buttons)
+        self.update_buttons()
         self.session.cells_changed.connect(self._show_budget)
         for box in (self.epochs, self.batch, self.latent):
             box.valueChanged.connect(self._show_budget)
         self.type_combo.currentTextChanged.connect(self._show_budget)
         self._show_budget()
+
+    def update_buttons(self) -> None:
+        s = self.session
+        self.train_btn.setEnabled(not self.busy and s.cells is not None)
+        self.stop_btn.setEnabled(self.busy and self.run is not None)
+        self.save_btn.setEnabled(not self.busy and s.model is not None)
+        self.load_btn.setEnabled(not self.busy)
+        self.continue_chk.setEnabled(not self.busy and s.model is not None)
 
     # -- choices -----------------------------------------------------------------------------
     def nuisances(self) -> list[str]:
@@ -240,7 +250,6 @@ class ModelPanel(Panel):
 
     def _describe_model(self) -> None:
         model = self.session.model
-        self.continue_chk.setEnabled(model is not None)
         if model is None:
             self.status.setText("No model yet.")
             return
@@ -341,9 +350,7 @@ class ModelPanel(Panel):
             self.loss_plot.clear()
         self.progress.setRange(0, options.epochs * self._steps)
         self.progress.setValue(0)
-        self.train_btn.setEnabled(False)
-        self.stop_btn.setEnabled(True)
-        self.load_btn.setEnabled(False)
+        self.begin()
         self.status.setText("Training: starting the training process...")
         s.set_training(True)
         worker.start()
@@ -416,10 +423,8 @@ class ModelPanel(Panel):
     def _on_finished(self) -> None:
         self._worker = None
         self.run = None
-        self.train_btn.setEnabled(True)
-        self.stop_btn.setEnabled(False)
-        self.load_btn.setEnabled(True)
         self.session.set_training(False)
+        self.update_buttons()
         self._describe_model()
 
     def _keep(self, path: str, source: str, model_type: str = "") -> bool:

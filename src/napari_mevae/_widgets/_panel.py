@@ -3,6 +3,7 @@ signals) and the :class:`Panel` base class.  A tab never reads another tab's wid
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Protocol
 
 import numpy as np
@@ -24,9 +25,17 @@ class Session(QObject):
     model_changed = Signal()
     results_changed = Signal()
     training_changed = Signal()
+    state_changed = Signal()  # after any of the above: buttons follow it
 
     def __init__(self) -> None:
         super().__init__()
+        for signal in (
+            self.cells_changed,
+            self.model_changed,
+            self.results_changed,
+            self.training_changed,
+        ):
+            signal.connect(self.state_changed.emit)
         self.image_layer: Image | None = None
         self.labels_layer: Labels | None = None
         self.cells: Any = None  # cells.CellCrops
@@ -78,6 +87,8 @@ class Host(Protocol):
 
     def info(self, msg: str) -> None: ...
 
+    def clear_status(self) -> None: ...
+
 
 class Panel(QWidget):
     """Base of the tabs: the viewer, the shared session and the host's status line."""
@@ -93,6 +104,26 @@ class Panel(QWidget):
     def busy(self) -> bool:
         """Whether this tab's worker is still running."""
         return self._worker is not None
+
+    def update_buttons(self) -> None:
+        """Enable exactly the actions that can work now (each tab says which)."""
+
+    def begin(self) -> None:
+        """An action starts: the status line forgets the last one, the buttons follow."""
+        self.host.clear_status()
+        self.update_buttons()
+
+    def detach(self) -> None:
+        """Disconnect the running worker from this tab (the dock is closing): whatever it
+        still reports goes nowhere."""
+        worker, self._worker = self._worker, None
+        if worker is None:
+            return
+        for name in ("yielded", "returned", "errored", "finished", "aborted"):
+            signal = getattr(worker, name, None)
+            if signal is not None:
+                with contextlib.suppress(TypeError, RuntimeError):
+                    signal.disconnect()
 
     def error(self, msg: str) -> None:
         self.host.error(msg)

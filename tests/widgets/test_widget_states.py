@@ -1,0 +1,101 @@
+"""The dock never lets the user do something that cannot work or would spoil running work:
+buttons follow what is possible, actions that would invalidate a run are refused with a
+message, the status line starts afresh with each action, and closing the viewer mid-run ends
+the background processes cleanly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from widget_helpers import wait_idle
+
+
+def _enabled(*buttons) -> list[bool]:
+    return [b.isEnabled() for b in buttons]
+
+
+def test_buttons_follow_what_is_possible(viewer_widget, qtbot, notes):
+    viewer, widget = viewer_widget
+    c, m, a = widget.cells_panel, widget.model_panel, widget.analyse_panel
+    # nothing extracted yet: only extraction and loading a model make sense
+    assert _enabled(c.extract_btn, c.preview_btn) == [True, False]
+    assert _enabled(m.train_btn, m.stop_btn, m.save_btn, m.load_btn) == [False, False, False, True]
+    assert _enabled(a.encode_btn, a.cluster_btn, a.traverse_btn, a.cancel_btn) == [False] * 4
+    c.extract()
+    wait_idle(qtbot, widget)
+    assert _enabled(c.preview_btn, m.train_btn) == [True, True]
+    assert not a.encode_btn.isEnabled()  # no model yet
+    m.epochs.setValue(40)
+    m.batch.setValue(2)
+    steps = []
+    worker = m.train()
+    worker.yielded.connect(lambda r: steps.append(r.kind))
+    qtbot.waitUntil(lambda: "step" in steps, timeout=60_000)
+    # while training: stop is the one model action; extraction would change its cells
+    assert _enabled(m.train_btn, m.stop_btn, m.load_btn, c.extract_btn) == [
+        False,
+        True,
+        False,
+        False,
+    ]
+    assert c.extract() is None and "Training is running" in notes["error"][-1]
+    assert widget.status.text().startswith("Error:")
+    m.stop()
+    wait_idle(qtbot, widget)
+    # a new action starts with a clean status line, not the last error
+    assert not widget.status.text().startswith("Error:")
+    assert _enabled(m.train_btn, m.save_btn, a.encode_btn, a.traverse_btn) == [True] * 4
+    assert not a.cluster_btn.isEnabled()  # nothing encoded yet
+    a.encode()
+    wait_idle(qtbot, widget, timeout=240_000)
+    assert not notes["error"][1:], notes["error"]
+    assert a.cluster_btn.isEnabled()
+
+
+def test_closing_the_viewer_mid_training_ends_cleanly(tmp_path):
+    """In a fresh process, as a user would: Train, close the viewer; no Qt traceback, the
+    training process ends and napari exits."""
+    script = tmp_path / "close.py"
+    script.write_text(
+        f"""
+import sys, time
+sys.path.insert(0, {str(__import__("pathlib").Path(__file__).parent)!r})
+import napari
+from qtpy.QtWidgets import QApplication
+from napari_mevae._sample_data import synthetic_cells
+from napari_mevae._widgets import MEVAEWidget
+viewer = napari.Viewer(show=True)
+for data, kw, kind in synthetic_cells():
+    getattr(viewer, "add_" + kind)(data, **kw)
+w = MEVAEWidget(viewer)
+viewer.window.add_dock_widget(w)
+w.cells_panel.size_combo.setCurrentText("32")
+w.cells_panel.scale_combo.setCurrentText("fit")
+w.cells_panel.extract()
+app = QApplication.instance()
+t = time.time()
+while w.busy and time.time() - t < 60:
+    app.processEvents(); time.sleep(0.01)
+w.model_panel.epochs.setValue(500)
+w.model_panel.batch.setValue(2)
+w.model_panel.train()
+run = w.model_panel.run
+t = time.time()
+while time.time() - t < 8:
+    app.processEvents(); time.sleep(0.01)
+viewer.close()
+t = time.time()
+while time.time() - t < 5:
+    app.processEvents(); time.sleep(0.01)
+code = run.service._proc.wait(timeout=30)
+print("child exit", code)
+"""
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=240
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "child exit 0" in out
+    assert "wrapped C/C++ object" not in out and "Traceback" not in out, out
