@@ -93,6 +93,8 @@ class AnalysePanel(Panel):
         self.session.cells_changed.connect(self._reset_plot)
         self.viewer.mouse_drag_callbacks.append(self._on_viewer_click)
         self.session.state_changed.connect(self.update_buttons)
+        # UMAP loads while the user waits for training
+        self.session.training_changed.connect(lambda: self.session.training and self.warm_up())
         # encoding, UMAP and clustering run in one background process, started (and UMAP
         # compiled in it) when this tab is first shown, so the first UMAP answers in seconds
         self.service: ChildService | None = None

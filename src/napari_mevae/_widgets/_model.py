@@ -186,6 +186,8 @@ class ModelPanel(Panel):
         self._epochs = 0
         self._preview: np.ndarray | None = None
         self._last_status = 0.0
+        self._last_shown = 0.0  # when the training reconstructions were last refreshed
+        self._pending: Any = None  # the latest epoch report with reconstructions
         self._type_changed(self.type_combo.currentText())
         self._nuisances_toggled()
         self.session.model_changed.connect(self._describe_model)
@@ -392,24 +394,36 @@ class ModelPanel(Panel):
         elif report.kind == "epoch":
             self.progress.setValue(min(self.progress.maximum(), done_steps))
             self.loss_plot.add_epoch(report.epoch, report.loss)
-            if report.preview is not None and self._preview is not None:
-                pairs = np.stack(
-                    [x for pair in zip(self._preview, report.preview, strict=True) for x in pair]
-                )
-                show_image(
-                    self.viewer,
-                    TRAIN_RECON_LAYER,
-                    to_tiles(pairs, ncols=min(8, len(pairs))),
-                    anchor=self.session.image_layer,
-                    metadata={"epoch": report.epoch, "layout": "target | reconstruction"},
-                )
+            if report.preview is not None:
+                self._pending = report  # shown at a human rate, and at the end
+            if time.monotonic() - self._last_shown >= 2.0:
+                self._show_reconstructions()
             self.status.setText(
                 f"Epoch {report.epoch}/{report.epochs}: mean loss {report.loss:.2f}"
             )
         elif report.kind == "end":
             self.progress.setValue(self.progress.maximum())
+            self.loss_plot.redraw(force=True)
+            self._show_reconstructions()
             ckpt = f" Checkpoint: {report.checkpoint}" if report.checkpoint else ""
             self.info(f"ME-VAE {report.message}.{ckpt}")
+
+    def _show_reconstructions(self) -> None:
+        """The preview cells beside their latest reconstructions."""
+        report, self._pending = self._pending, None
+        self._last_shown = time.monotonic()
+        if report is None or self._preview is None:
+            return
+        pairs = np.stack(
+            [x for pair in zip(self._preview, report.preview, strict=True) for x in pair]
+        )
+        show_image(
+            self.viewer,
+            TRAIN_RECON_LAYER,
+            to_tiles(pairs, ncols=min(8, len(pairs))),
+            anchor=self.session.image_layer,
+            metadata={"epoch": report.epoch, "layout": "target | reconstruction"},
+        )
 
     def _on_returned(self, checkpoint: str) -> None:
         self._keep(checkpoint, "trained here", self._run_type)

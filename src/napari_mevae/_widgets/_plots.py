@@ -44,14 +44,23 @@ def _style_axes(ax: Any) -> None:
 
 
 class LossPlot(FigureCanvasQTAgg):
-    """Loss per step (thin) and per epoch (dots), x in epochs.  Redraws at most a few times a
-    second so a fast training loop never floods the GUI thread."""
+    """Loss per step (thin) and per epoch (dots), x in epochs.  Redraws at most twice a second,
+    by updating the two lines' data (no new axes), so a fast training loop never floods the
+    GUI thread."""
 
     def __init__(self) -> None:
         fig = Figure(figsize=(3.5, 2.0), dpi=90, layout="tight")
         _style(fig)
         super().__init__(fig)
         self.ax = fig.add_subplot(111)
+        _style_axes(self.ax)
+        self.ax.set_xlabel("epoch", fontsize=8)
+        self.ax.set_ylabel("loss", fontsize=8)
+        (self._steps_line,) = self.ax.plot([], [], color="#6fa8dc", lw=0.8, alpha=0.7, label="step")
+        (self._epochs_line,) = self.ax.plot(
+            [], [], "o-", color="#f6b26b", ms=3, lw=1.2, label="epoch"
+        )
+        self.ax.legend(fontsize=7, loc="upper right", frameon=False, labelcolor="#d0d0d0")
         self.steps_x: list[float] = []
         self.steps_y: list[float] = []
         self.epochs_x: list[float] = []
@@ -84,26 +93,17 @@ class LossPlot(FigureCanvasQTAgg):
     def add_epoch(self, epoch: float, loss: float) -> None:
         self.epochs_x.append(epoch)
         self.epochs_y.append(loss)
-        self.redraw(force=True)
+        self.redraw()
 
     def redraw(self, force: bool = False) -> None:
         now = time.monotonic()
-        if not force and now - self._last_draw < 0.3:
+        if not force and now - self._last_draw < 0.5:
             return
         self._last_draw = now
-        ax = self.ax
-        ax.clear()
-        _style_axes(ax)
-        if self.steps_x:
-            ax.plot(self.steps_x, self.steps_y, color="#6fa8dc", lw=0.8, alpha=0.7, label="step")
-        if self.epochs_x:
-            ax.plot(
-                self.epochs_x, self.epochs_y, "o-", color="#f6b26b", ms=3, lw=1.2, label="epoch"
-            )
-        ax.set_xlabel("epoch", fontsize=8)
-        ax.set_ylabel("loss", fontsize=8)
-        if self.steps_x or self.epochs_x:
-            ax.legend(fontsize=7, loc="upper right", frameon=False, labelcolor="#d0d0d0")
+        self._steps_line.set_data(self.steps_x, self.steps_y)
+        self._epochs_line.set_data(self.epochs_x, self.epochs_y)
+        self.ax.relim()
+        self.ax.autoscale_view()
         self.draw_idle()
 
 
