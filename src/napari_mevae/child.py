@@ -69,10 +69,13 @@ def _recv(fh: BinaryIO) -> Any:
 class ChildService:
     """One child process that runs jobs one after the other (:meth:`submit`).
 
-    ``threads`` sets the child's OpenMP / MKL thread count before it imports anything."""
+    ``threads`` sets the child's OpenMP / MKL thread count before it imports anything;
+    ``nice`` lowers its scheduling priority (POSIX), so the GUI that started it stays smooth."""
 
-    def __init__(self, threads: int | None = None) -> None:
+    def __init__(self, threads: int | None = None, nice: int = 0) -> None:
         env = dict(os.environ)
+        if nice:  # the viewer's own thread goes first when the cores are busy
+            env["NAPARI_MEVAE_CHILD_NICE"] = str(int(nice))
         if threads is not None:
             for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
                 env[var] = str(threads)
@@ -182,8 +185,10 @@ class ChildRun:
     """One job, ``target(*args, should_stop=..., **kwargs)``, in a child process of its own,
     which ends with the job; iterate :meth:`results`."""
 
-    def __init__(self, target: str, *args: Any, threads: int | None = None, **kwargs: Any) -> None:
-        self.service = ChildService(threads)
+    def __init__(
+        self, target: str, *args: Any, threads: int | None = None, nice: int = 0, **kwargs: Any
+    ) -> None:
+        self.service = ChildService(threads, nice)
         self._job = self.service.submit(target, *args, last=True, **kwargs)
 
     @property
@@ -217,6 +222,10 @@ def _death(code: int) -> str:
 
 # -- the child's side --------------------------------------------------------------------------
 def _child_main() -> int:
+    nice = int(os.environ.pop("NAPARI_MEVAE_CHILD_NICE", "0") or 0)
+    if nice and hasattr(os, "nice"):
+        with contextlib.suppress(OSError):
+            os.nice(nice)
     out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints must not corrupt frames
     inp = sys.stdin.buffer

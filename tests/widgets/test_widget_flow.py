@@ -99,7 +99,7 @@ def test_full_flow(extracted, qtbot, tmp_path, notes):
     from napari_mevae._widgets._plots import cluster_color
 
     for c in set(feats["cluster"]):
-        assert np.allclose(clusters.colormap.color_dict[int(c)], cluster_color(int(c)))
+        assert np.allclose(clusters.colormap.map(np.array([int(c)]))[0], cluster_color(int(c)))
 
     # a clustering that cannot work fails in its worker with a clear message; nothing changes
     a.n_clusters.setValue(99)

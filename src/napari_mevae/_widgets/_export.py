@@ -50,6 +50,14 @@ class ExportPanel(Panel):
         lay.addStretch(1)
         self.session.results_changed.connect(self._results)
         self.session.cells_changed.connect(self._results)
+        self.session.state_changed.connect(self.update_buttons)
+        self.update_buttons()
+
+    def update_buttons(self) -> None:
+        s = self.session
+        self.csv_btn.setEnabled(s.table is not None)
+        layer = s.clusters_layer
+        self.tiff_btn.setEnabled(layer is not None and layer in self.viewer.layers)
 
     def _results(self) -> None:
         s = self.session

@@ -61,7 +61,7 @@ class MEVAEWidget(QWidget):
         lay.addWidget(self.tabs)
         lay.addWidget(self.status)
         self.setMinimumWidth(340)
-        self._watched: Any = None  # the top-level window whose closing ends our processes
+        self._watched = 0  # id of the top-level window whose closing ends our processes
 
     @property
     def panels(self) -> tuple[Panel, ...]:
@@ -80,9 +80,9 @@ class MEVAEWidget(QWidget):
         # shown in napari's window: watch it, so closing the viewer ends our processes
         if event.type() in (QEvent.Type.Show, QEvent.Type.ParentChange):
             window = self.window()
-            if window is not self and window is not self._watched:
+            if window is not self and id(window) != self._watched:
                 window.installEventFilter(self)
-                self._watched = window
+                self._watched = id(window)  # not the window itself: no reference cycle
         return super().event(event)
 
     def eventFilter(self, obj: Any, event: Any) -> bool:  # noqa: N802 (Qt API)
@@ -98,6 +98,7 @@ class MEVAEWidget(QWidget):
             panel.detach()
         self.model_panel.stop()
         self.analyse_panel.close_service()
+        self.analyse_panel.unhook()
 
     def error(self, msg: str) -> None:
         """Tell the user what is wrong (status line + napari notification); change nothing."""

@@ -336,6 +336,7 @@ class ModelPanel(Panel):
             resume=resume,
             preview=self._preview,
             threads=threads,
+            nice=5,
         )
         worker = create_worker(
             _stream,

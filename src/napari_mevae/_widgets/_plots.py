@@ -49,7 +49,9 @@ class LossPlot(FigureCanvasQTAgg):
     GUI thread."""
 
     def __init__(self) -> None:
-        fig = Figure(figsize=(3.5, 2.0), dpi=90, layout="tight")
+        # fixed margins: a "tight" layout is recomputed at every draw (most of its cost)
+        fig = Figure(figsize=(3.5, 2.0), dpi=90)
+        fig.subplots_adjust(left=0.17, right=0.97, bottom=0.22, top=0.95)
         _style(fig)
         super().__init__(fig)
         self.ax = fig.add_subplot(111)
@@ -112,7 +114,8 @@ class ScatterPlot(FigureCanvasQTAgg):
     ``on_pick(row)``, so the user can jump from the plot to the cell in the image."""
 
     def __init__(self, on_pick: Callable[[int], None] | None = None) -> None:
-        fig = Figure(figsize=(3.5, 3.0), dpi=90, layout="tight")
+        fig = Figure(figsize=(3.5, 3.0), dpi=90)
+        fig.subplots_adjust(left=0.15, right=0.97, bottom=0.15, top=0.92)
         _style(fig)
         super().__init__(fig)
         self.ax = fig.add_subplot(111)
@@ -163,7 +166,7 @@ class ScatterPlot(FigureCanvasQTAgg):
                 name = f"cluster {v}" if v else "unassigned"
                 ax.scatter(pts[:, 0], pts[:, 1], color=cluster_color(v), s=14, label=name)
             if len(ids) <= 10:
-                ax.legend(fontsize=6, loc="best", frameon=False, labelcolor="#d0d0d0")
+                ax.legend(fontsize=6, loc="upper right", frameon=False, labelcolor="#d0d0d0")
             if self.selected is not None and 0 <= self.selected < len(self.xy):
                 px, py = self.xy[self.selected]
                 ax.scatter([px], [py], s=120, facecolors="none", edgecolors="white", lw=1.5)
