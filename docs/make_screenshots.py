@@ -1,10 +1,12 @@
-"""Regenerate the README pictures: the napari dock after a real run, and the demo figure.
+"""Regenerate the README pictures of the napari dock, one per tab, after a real run.
 
-    xvfb-run -a python docs/make_screenshots.py
+    xvfb-run -a python docs/make_screenshots.py [EPOCHS]
 
-Drives the plugin as a user would (sample data -> crop -> train -> encode/cluster), then saves
-docs/images/napari_widget.png (viewer with the dock, Analyse tab) and docs/images/napari_model.png
-(Model tab with the loss curve).
+Drives the plugin as a user would, with its defaults (sample data -> crop -> train with the
+default budget unless EPOCHS is given -> encode/cluster -> pick a cell), then saves
+docs/images/napari_cells.png (Cells tab, pairs preview), napari_model.png (Model tab, loss
+curve, training reconstructions), napari_widget.png (Analyse tab: clusters, scatter, the picked
+cell outlined) and napari_export.png (Export tab).
 """
 
 from __future__ import annotations
@@ -46,35 +48,41 @@ def main() -> None:
     widget = MEVAEWidget(viewer)
     viewer.window.add_dock_widget(widget, name="ME-VAE", area="right")
     app = QApplication.instance()
+
+    def shot(tab: int, name: str, visible: tuple[str, ...] | None = None) -> None:
+        widget.tabs.setCurrentIndex(tab)
+        if visible is not None:
+            for layer in viewer.layers:
+                layer.visible = layer.name in visible
+        for _ in range(30):
+            app.processEvents()
+            time.sleep(0.01)
+        viewer.screenshot(str(IMAGES / name), canvas_only=False)
+
     cells = widget.cells_panel
-    cells.size_combo.setCurrentText("32")
-    cells.scale_combo.setCurrentText("fit")
     cells.extract()
     wait(app, widget)
     cells.preview_pairs(n=6)
     wait(app, widget)
+    shot(0, "napari_cells.png")
     model = widget.model_panel
-    model.epochs.setValue(int(sys.argv[1]) if len(sys.argv) > 1 else 20)
+    if len(sys.argv) > 1:
+        model.epochs.setValue(int(sys.argv[1]))
     model.train()
     wait(app, widget)
-    widget.tabs.setCurrentIndex(1)
     viewer.layers["synthetic cells labels"].visible = False
     viewer.reset_view()
-    for _ in range(20):
-        app.processEvents()
-    viewer.screenshot(str(IMAGES / "napari_model.png"), canvas_only=False)
+    shot(1, "napari_model.png")
     analyse = widget.analyse_panel
     analyse.n_clusters.setValue(3)
     analyse.encode()
     wait(app, widget)
-    for layer in viewer.layers:
-        layer.visible = layer.name in ("synthetic cells", "synthetic cells labels clusters")
-    viewer.reset_view()
-    widget.tabs.setCurrentIndex(2)
-    for _ in range(20):
-        app.processEvents()
-    viewer.screenshot(str(IMAGES / "napari_widget.png"), canvas_only=False)
+    keep = ("synthetic cells", "synthetic cells labels clusters", "ME-VAE selected cell")
+    analyse.select_cell(0)
+    shot(2, "napari_widget.png", keep)
+    shot(3, "napari_export.png")
     print("written:", *sorted(IMAGES.glob("napari_*.png")))
+    widget.end_background()
     viewer.close()
 
 

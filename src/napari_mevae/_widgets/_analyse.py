@@ -34,6 +34,8 @@ from ._plots import ScatterPlot, cluster_color
 __all__ = ["SELECTION_LAYER", "TRAVERSAL_LAYER", "AnalysePanel"]
 
 TRAVERSAL_LAYER = "ME-VAE latent traversal"
+#: the analysis process, shared by the docks of one napari session (see AnalysePanel.warm_up)
+_SHARED: dict[str, ChildService] = {}
 SELECTION_LAYER = "ME-VAE selected cell"
 # columns features_table writes: old values of these are replaced, never merged
 _RESULT_COLUMNS = ("index", "label", "plane", "centroid_y", "centroid_x", "cluster")
@@ -100,7 +102,6 @@ class AnalysePanel(Panel):
         # compiled in it) when this tab is first shown, so the first UMAP answers in seconds
         self.service: ChildService | None = None
         self._warm_worker: Any = None
-        self._warm = False  # UMAP imported and compiled in the background process
         self._cancelled = False
         self.update_buttons()
 
@@ -109,20 +110,25 @@ class AnalysePanel(Panel):
         self.warm_up()
 
     def warm_up(self) -> None:
-        """Start the background process and have it import and compile UMAP, once."""
-        if self.service is not None and self.service.alive:
-            return
-        self.service = ChildService(threads=workflow.background_threads(), nice=10)
-        self._warm_worker = create_worker(
-            job_in, self.service, "napari_mevae.workflow:warm_up", _start_thread=False
-        )
-        self._warm = False
-        self._warm_worker.returned.connect(self._warmed)
-        self._warm_worker.errored.connect(lambda err: None)  # the next job reports it
-        self._warm_worker.start()
+        """Start the analysis process and have it import and compile UMAP, once.  The process
+        is shared by the docks of this napari session (one, usually) and ends with it."""
+        service = _SHARED.get("analysis")
+        if service is None or not service.alive:
+            service = ChildService(threads=workflow.background_threads(), nice=10)
+            service.warm = False  # UMAP imported and compiled in it
+            _SHARED["analysis"] = service
+            worker = create_worker(
+                job_in, service, "napari_mevae.workflow:warm_up", _start_thread=False
+            )
+            worker.returned.connect(lambda seconds: setattr(service, "warm", True))
+            worker.errored.connect(lambda err: None)  # the next job reports it
+            worker.start()
+            self._warm_worker = worker
+        self.service = service
 
-    def _warmed(self, seconds: float) -> None:
-        self._warm = True
+    @property
+    def _warm(self) -> bool:
+        return bool(getattr(self.service, "warm", False))
 
     def unhook(self) -> None:
         """Take this tab's mouse callback off the viewer (the dock is going away)."""
@@ -130,9 +136,12 @@ class AnalysePanel(Panel):
             self.viewer.mouse_drag_callbacks.remove(self._on_viewer_click)
 
     def close_service(self) -> None:
+        """End the analysis process (the dock closes, or a UMAP is cancelled)."""
         if self.service is not None:
             self.service.kill()
             self.service.close(timeout=5)
+            if _SHARED.get("analysis") is self.service:
+                del _SHARED["analysis"]
             self.service = None
 
     def _model_changed(self) -> None:
