@@ -3,16 +3,16 @@ same choices, train the same model (identical first-epoch losses and weights).""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import torch
 from widget_helpers import wait_idle
 
 from napari_mevae import workflow
 from napari_mevae.checkpoints import load_checkpoint
-from napari_mevae.cli import main
-from napari_mevae.config import TrainOptions
 from napari_mevae.store import write_crops
-from napari_mevae.training import Trainer
 
 
 def _first_epoch_loss(log) -> float:
@@ -38,29 +38,31 @@ def test_cli_api_and_widget_train_the_same_model(extracted, qtbot, tmp_path, mon
     wait_idle(qtbot, widget, timeout=180_000)
     assert not notes["error"], notes["error"]
 
-    # the command line, on the same crops written to a float32 crops file
+    # the command line, on the same crops written to a float32 crops file.  It and the API run
+    # in processes of their own, as users run them: training in this process, where napari has
+    # loaded Mesa's LLVM, would import triton beside it with a CUDA build of torch (segfault)
     npy = write_crops(tmp_path / "crops.npy", crops, dtype="float32")
     argv = ["train", "--targets", str(npy), "--save_dir", str(tmp_path / "cli")]
     argv += ["--image_size", str(crops.shape[-1]), "--nchannel", str(crops.shape[1])]
     argv += ["--latent_dim", str(latent), "--batch_size", str(batch), "--epochs", "1"]
     argv += ["--seed", str(seed), "--device", "cpu", "--threads", "1", "--verbose", "0"]
-    assert main(argv) == 0
+    cli = subprocess.run([sys.executable, "-m", "napari_mevae", *argv], capture_output=True)
+    assert cli.returncode == 0, cli.stderr.decode()
 
     # the Python API, as the README shows it
-    config = workflow.build_config(
-        "mevae",
-        image_size=crops.shape[-1],
-        channels=crops.shape[1],
-        nuisances=["rotation", "polarity"],
-        latent_dim=latent,
-    )
-    dataset = workflow.training_dataset(crops, config.nuisances, "mevae", seed=seed)
-    options = TrainOptions(
-        epochs=1, batch_size=batch, seed=seed, device="cpu", threads=1, save_dir=tmp_path / "api"
-    )
-    list(
-        workflow.run_training(Trainer(config, dataset, options), tmp_path / "api" / "training.log")
-    )
+    api = f"""
+import numpy as np
+from napari_mevae import Trainer, TrainOptions, build_config, run_training, training_dataset
+crops = np.load({str(npy)!r})
+config = build_config("mevae", image_size=crops.shape[-1], channels=crops.shape[1],
+                      nuisances=["rotation", "polarity"], latent_dim={latent})
+dataset = training_dataset(crops, config.nuisances, "mevae", seed={seed})
+options = TrainOptions(epochs=1, batch_size={batch}, seed={seed}, device="cpu", threads=1,
+                       save_dir={str(tmp_path / "api")!r})
+list(run_training(Trainer(config, dataset, options), {str(tmp_path / "api" / "training.log")!r}))
+"""
+    run = subprocess.run([sys.executable, "-c", api], capture_output=True)
+    assert run.returncode == 0, run.stderr.decode()
 
     losses = {k: _first_epoch_loss(tmp_path / k / "training.log") for k in ("widget", "cli", "api")}
     assert np.isfinite(losses["api"])
@@ -69,4 +71,3 @@ def test_cli_api_and_widget_train_the_same_model(extracted, qtbot, tmp_path, mon
     for name, value in states["api"].items():
         assert torch.equal(value, states["cli"][name]), name
         assert torch.equal(value, states["widget"][name]), name
-    torch.set_num_threads(2)  # as the test session had it (tests/conftest.py)
