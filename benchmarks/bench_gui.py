@@ -153,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         from _docs import replace_section
 
-        replace_section(REPO / "docs" / "benchmarks.md", "napari responsiveness", body)
+        replace_section(
+            REPO / "docs" / "benchmarks.md", "napari responsiveness", body, keep_from="^### "
+        )
     return 0
 
 

@@ -204,3 +204,13 @@ def test_model_kind_reads_plain_and_size_scaled_kl_weights():
     assert (
         model_kind(preset("betavae", image_size=32, beta=size_scaled_beta(4.0, 32))) == "beta-VAE"
     )
+
+
+def test_decoding_for_analysis_runs_channels_last_with_the_same_result():
+    model = MEVAE(preset("tiny")).eval()
+    z = torch.randn(5, 8)
+    with torch.no_grad():
+        fast = model.decode(z)
+        model.decoder.train()  # the training path: no layout change
+        plain = torch.sigmoid(model.decoder(z))
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)

@@ -264,7 +264,7 @@ def training_flops(cfg: MEVAEConfig) -> float:
 
 #: training throughput of one CPU core in float32, measured on the project's 2-core benchmark
 #: machine (docs/benchmarks.md); only for the estimate shown before a run starts
-FLOPS_PER_CORE = 40e9
+FLOPS_PER_CORE = 80e9
 
 
 def estimate_seconds(cfg: MEVAEConfig, images: int, threads: int) -> float:

@@ -87,6 +87,10 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.dense(z)).view(-1, self.enc_channels, self.side, self.side)
+        if not self.training and h.device.type == "cpu":
+            # oneDNN's transposed convolutions run 2-3x faster channels-last (a latent walk of
+            # 128 dimensions at 128 px: 12 s -> 5 s); training already feeds channels-last
+            h = h.contiguous(memory_format=torch.channels_last)
         for layer in self.deconvs:
             h = deconv_bias_apart(layer, h) if isinstance(layer, nn.ConvTranspose2d) else layer(h)
         return h  # logits; the sigmoid lives in the loss / VAEOutput.recon

@@ -41,11 +41,7 @@ def test_full_flow(extracted, qtbot, tmp_path, notes):
     assert pairs.data.shape[1] > 3 * 32 and pairs.data.shape[0] > 4 * 32  # 3 columns, 4 rows
     # the columns are labelled, and the view shows both the image and the new montage
     names = viewer.layers[f"{PAIRS_LAYER} (columns)"]
-    assert list(names.features["column"]) == [
-        "rotation randomised",
-        "polarity randomised",
-        "target",
-    ]
+    assert list(names.features["column"]) == ["rotation", "polarity", "target"]
     image_layer = viewer.layers["synthetic cells"]
     lo = np.minimum(image_layer.extent.world[0][-2:], pairs.extent.world[0][-2:])
     hi = np.maximum(image_layer.extent.world[1][-2:], pairs.extent.world[1][-2:])

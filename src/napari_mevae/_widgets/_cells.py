@@ -248,7 +248,7 @@ class CellsPanel(Panel):
     def _show_pairs(self, result: tuple[np.ndarray, int]) -> None:
         images, k = result
         nuis = self.session.nuisances if len(self.session.nuisances) == k else ["all"] * k
-        columns = [f"{n} randomised" for n in nuis] + ["target"]
+        columns = [*nuis, "target"]  # encoder k's input has nuisance k randomised
         layer = show_image(
             self.viewer,
             PAIRS_LAYER,

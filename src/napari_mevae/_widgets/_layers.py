@@ -224,15 +224,16 @@ def label_columns(viewer: Any, layer: Image, names: Sequence[str], tile: int, pa
     """Write ``names`` above the columns of a :func:`to_tiles` montage (a Points layer of text
     that moves with the montage): what each column of a result shows."""
     x = [pad + i * (tile + pad) + tile / 2 for i in range(len(names))]
-    coords = np.array([[-0.35 * tile, xi] for xi in x])
+    # every other label a line higher: names wider than a tile do not run into each other
+    coords = np.array([[-(0.3 + 0.45 * (i % 2)) * tile, xi] for i, xi in enumerate(x)])
     name = f"{layer.name} (columns)"
     if name in viewer.layers:
         viewer.layers.remove(name)
-    return viewer.add_points(
+    points = viewer.add_points(
         coords,
         name=name,
         features={"column": list(names)},
-        text={"string": "{column}", "color": "white", "size": 10, "anchor": "center"},
+        text={"string": "{column}", "color": "white", "size": 9, "anchor": "center"},
         size=1,
         face_color="transparent",
         border_width=0,
@@ -240,3 +241,5 @@ def label_columns(viewer: Any, layer: Image, names: Sequence[str], tile: int, pa
         scale=tuple(layer.scale[-2:]),
         metadata={"labels_columns_of": layer.name},
     )
+    viewer.layers.selection.active = layer  # the montage stays the layer the user works on
+    return points

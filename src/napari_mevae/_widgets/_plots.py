@@ -115,7 +115,7 @@ class ScatterPlot(FigureCanvasQTAgg):
 
     def __init__(self, on_pick: Callable[[int], None] | None = None) -> None:
         fig = Figure(figsize=(3.5, 3.0), dpi=90)
-        fig.subplots_adjust(left=0.15, right=0.97, bottom=0.15, top=0.92)
+        fig.subplots_adjust(left=0.15, right=0.97, bottom=0.15, top=0.88)
         _style(fig)
         super().__init__(fig)
         self.ax = fig.add_subplot(111)
@@ -165,12 +165,20 @@ class ScatterPlot(FigureCanvasQTAgg):
                 pts = self.xy[self.colors == v]
                 name = f"cluster {v}" if v else "unassigned"
                 ax.scatter(pts[:, 0], pts[:, 1], color=cluster_color(v), s=14, label=name)
-            if len(ids) <= 10:
-                ax.legend(fontsize=6, loc="upper right", frameon=False, labelcolor="#d0d0d0")
+            if len(ids) <= 10:  # in one row above the plot, never over the points
+                ax.legend(
+                    fontsize=6,
+                    loc="lower center",
+                    bbox_to_anchor=(0.5, 1.0),
+                    ncol=min(len(ids), 5),
+                    frameon=False,
+                    labelcolor="#d0d0d0",
+                    handletextpad=0.1,
+                    columnspacing=0.8,
+                )
             if self.selected is not None and 0 <= self.selected < len(self.xy):
                 px, py = self.xy[self.selected]
                 ax.scatter([px], [py], s=120, facecolors="none", edgecolors="white", lw=1.5)
-            ax.set_title(getattr(self, "_title", ""), fontsize=8)
         else:
             ax.text(
                 0.5,
@@ -182,6 +190,7 @@ class ScatterPlot(FigureCanvasQTAgg):
                 fontsize=8,
                 transform=ax.transAxes,
             )
-        ax.set_xlabel("UMAP0", fontsize=8)
+        title = getattr(self, "_title", "")
+        ax.set_xlabel(f"UMAP0 ({title})" if title and len(self.xy) else "UMAP0", fontsize=8)
         ax.set_ylabel("UMAP1", fontsize=8)
         self.draw_idle()
