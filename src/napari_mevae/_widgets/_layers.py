@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 from napari.layers import Image, Labels, Layer
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QComboBox, QWidget
 
 __all__ = [
@@ -201,9 +202,14 @@ def _replace_or_add(
         kwargs["metadata"] = {**kwargs.get("metadata", {}), "mevae_beside": True}
     add = viewer.add_image if kind is Image else viewer.add_labels
     layer = add(data, name=name, **kwargs)
-    if beside:  # a new result beside the image: show both
-        viewer.reset_view()
+    if beside:  # a new result beside the image: show both, after napari has drawn the layer
+        QTimer.singleShot(0, lambda: _reset_view(viewer))  # (two short blocks, not one long)
     return layer
+
+
+def _reset_view(viewer: Any) -> None:
+    with contextlib.suppress(RuntimeError, AttributeError):  # the viewer may be closing
+        viewer.reset_view()
 
 
 def show_image(viewer: Any, name: str, data: np.ndarray, **kwargs: Any) -> Image:
