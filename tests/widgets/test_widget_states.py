@@ -100,3 +100,24 @@ print("child exit", code)
     assert proc.returncode == 0, out
     assert "child exit 0" in out
     assert "wrapped C/C++ object" not in out and "Traceback" not in out, out
+
+
+def test_the_layer_boxes_never_offer_the_docks_own_results(extracted, qtbot, notes):
+    """After the source layers are removed (say, mid-training), the boxes do not fall back on
+    the plugin's own output layers: there is nothing to crop, and extracting says so."""
+    from widget_helpers import IMAGE, LABELS
+
+    from napari_mevae._widgets._cells import PAIRS_LAYER
+
+    viewer, widget = extracted
+    cells = widget.cells_panel
+    cells.preview_pairs(n=2)
+    wait_idle(qtbot, widget)
+    assert PAIRS_LAYER in viewer.layers
+    viewer.layers.remove(IMAGE)
+    viewer.layers.remove(LABELS)
+    assert cells.image_combo.layer() is None and cells.labels_combo.layer() is None
+    assert PAIRS_LAYER not in [
+        cells.image_combo.itemText(i) for i in range(cells.image_combo.count())
+    ]
+    assert cells.extract() is None and "No Image layer" in notes["error"][-1]

@@ -24,6 +24,10 @@ __all__ = [
 ]
 
 
+#: layer metadata key marking the dock's own result layers
+OUTPUT_KEY = "mevae_output"
+
+
 class LayerCombo(QComboBox):
     """A combo box of the viewer's layers of one type, kept in step with the layer list (add,
     remove, rename), so the user never picks a stale name."""
@@ -58,7 +62,13 @@ class LayerCombo(QComboBox):
                 layer.events.name.disconnect(self.refresh)
 
     def layers(self) -> list[Layer]:
-        return [ly for ly in self.viewer.layers if isinstance(ly, self.layer_type)]
+        """The viewer's layers of this type, except the ME-VAE dock's own results (a preview
+        or a clusters layer is never the data to crop)."""
+        return [
+            ly
+            for ly in self.viewer.layers
+            if isinstance(ly, self.layer_type) and not ly.metadata.get(OUTPUT_KEY)
+        ]
 
     def refresh(self, *_: Any) -> None:
         """Rebuild the items, keeping the current choice when it still exists."""
@@ -189,8 +199,7 @@ def _replace_or_add(
             for key in ("scale", "translate"):
                 if key in kwargs:
                     setattr(layer, key, kwargs[key])
-            if "metadata" in kwargs:
-                layer.metadata = {**layer.metadata, **kwargs["metadata"]}
+            layer.metadata = {**layer.metadata, **kwargs.get("metadata", {}), OUTPUT_KEY: True}
             if isinstance(layer, Image) and not layer.rgb:
                 layer.reset_contrast_limits()
             return layer
@@ -200,6 +209,7 @@ def _replace_or_add(
         ndim = np.ndim(data) - (1 if kwargs.get("rgb") else 0)
         kwargs["translate"] = place_beside(viewer, anchor, ndim)
         kwargs["metadata"] = {**kwargs.get("metadata", {}), "mevae_beside": True}
+    kwargs["metadata"] = {**kwargs.get("metadata", {}), OUTPUT_KEY: True}
     add = viewer.add_image if kind is Image else viewer.add_labels
     layer = add(data, name=name, **kwargs)
     if beside:  # a new result beside the image: show both, after napari has drawn the layer
@@ -245,7 +255,7 @@ def label_columns(viewer: Any, layer: Image, names: Sequence[str], tile: int, pa
         border_width=0,
         translate=tuple(layer.translate[-2:]),
         scale=tuple(layer.scale[-2:]),
-        metadata={"labels_columns_of": layer.name},
+        metadata={"labels_columns_of": layer.name, OUTPUT_KEY: True},
     )
     viewer.layers.selection.active = layer  # the montage stays the layer the user works on
     return points
