@@ -25,14 +25,16 @@ test) needs the ``[bioimageio]`` extra, imported only here and only when exporti
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import re
 import tempfile
+import warnings
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -410,6 +412,11 @@ def _cover(crops: np.ndarray, recon: np.ndarray) -> np.ndarray:
     gap = np.ones_like(a[:, :, :1])
     pairs = np.concatenate([a, gap, b], axis=2)
     grid = montage(pairs, ncols=side, pad=2)
+    h, w = grid.shape[:2]  # white margins to exactly 2:1, the Model Zoo's cover shape
+    height = max(h, (w + 1) // 2)
+    dh, dw = height - h, 2 * height - w
+    margins = [(dh // 2, dh - dh // 2), (dw // 2, dw - dw // 2)] + [(0, 0)] * (grid.ndim - 2)
+    grid = np.pad(grid, margins, constant_values=1.0)
     scale = max(1, 640 // grid.shape[1])
     return np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
 
@@ -730,7 +737,7 @@ def export_package(
         tifffile.imwrite(d / SAMPLE_FEATURES_FILE, feats[:1].astype(np.float32))
         tifffile.imwrite(d / SAMPLE_RECON_FILE, recon[0].astype(np.float32))
         torch.save(module.state_dict(), d / STATE_DICT_FILE)
-        with torch.no_grad():
+        with torch.no_grad(), _jit_quiet():
             traced = torch.jit.trace(module, x[:n_test], check_trace=False)
         traced.save(str(d / TORCHSCRIPT_FILE))
         _check_traced(d / TORCHSCRIPT_FILE, x, feats)
@@ -951,8 +958,18 @@ def _yaml_dump(data: dict[str, Any]) -> str:
     return yaml.dump(data, Dumper=NoAliases, sort_keys=False, allow_unicode=True, width=100)
 
 
+@contextlib.contextmanager
+def _jit_quiet() -> Iterator[None]:
+    """TorchScript is the Model Zoo's portable PyTorch format; recent torch releases warn that
+    torch.jit is deprecated in favour of torch.export, which the Model Zoo does not read."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"`torch\.jit\.", DeprecationWarning)
+        yield
+
+
 def _check_traced(path: Path, x: torch.Tensor, feats: np.ndarray) -> None:
-    loaded = torch.jit.load(str(path), map_location="cpu")
+    with _jit_quiet():
+        loaded = torch.jit.load(str(path), map_location="cpu")
     with torch.no_grad():
         got = loaded(x)[0].numpy()
     diff = float(np.max(np.abs(got - feats))) if len(feats) else 0.0
