@@ -1,14 +1,16 @@
 """BioImage Model Zoo packages: a trained ME-VAE out (``mevae export``) and back in
 (``--checkpoint model.zip``).
 
-A package is the zip of the ``bioimageio.spec`` model format (format 0.5): ``rdf.yaml`` with
-authors, citation, licence, tensor descriptions and SHA-256 hashes, and beside it
+A package is the zip of the ``bioimageio.spec`` model format (written as format 0.5.4):
+``rdf.yaml`` with authors, citation, licence, tensor descriptions and SHA-256 hashes, and beside
+it
 
 - ``mevae_torchscript.pt``: the model as TorchScript, for any tool of the ecosystem;
 - ``mevae_state_dict.pt``: the same weights as a plain state dict (tensors only) of
   :class:`MEVAEFeatures`, the architecture ``napari_mevae.modelzoo:MEVAEFeatures`` rebuilds;
 - ``test_input.npy`` (real crops of the training data) and the two test outputs,
-  ``test_output_features.npy`` and ``test_output_reconstruction.npy``;
+  ``test_output_features.npy`` and ``test_output_reconstruction.npy``, and one cell of each as
+  ``sample_*.tif`` for display;
 - ``README.md`` (how to crop cells for the model, the training configuration), ``cover.png``
   (cells and their reconstructions) and ``training_history.json``.
 
