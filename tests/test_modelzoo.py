@@ -25,10 +25,10 @@ import yaml
 from napari_mevae.analysis import encode, reconstruct
 from napari_mevae.checkpoints import load_checkpoint, save_checkpoint
 from napari_mevae.cli import main
-from napari_mevae.config import CheckpointError, preset
+from napari_mevae.config import CheckpointError, InputError, preset
 from napari_mevae.folders import FolderTargets
 from napari_mevae.model import MEVAE
-from napari_mevae.modelzoo import MARKER, MEVAEFeatures, load_package
+from napari_mevae.modelzoo import MARKER, MEVAEFeatures, export_package, load_package
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 
@@ -305,6 +305,12 @@ def test_export_from_crops_and_from_a_package(package, lincs64, tmp_path):
     assert _rdf(out)["authors"] == []
     z = encode(load_checkpoint(package).build_model(), crops)
     assert np.max(np.abs(encode(load_checkpoint(out).build_model(), crops) - z)) < 1e-5
+    # in Python (napari's console), the crops themselves: 5 cells, a 2 x 2 cover
+    result = export_package(package, tmp_path / "five.zip", targets=crops[:5], test=False)
+    with zipfile.ZipFile(result.path) as zf:
+        np.testing.assert_array_equal(np.load(io.BytesIO(zf.read("test_input.npy"))), crops[:5])
+    with pytest.raises(InputError, match="the model wants"):
+        export_package(package, tmp_path / "bad.zip", targets=crops[:5, :, :16, :16])
 
 
 def test_export_explains_what_it_needs(run, tmp_path, capsys):

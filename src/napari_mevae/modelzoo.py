@@ -339,16 +339,24 @@ class ExportResult:
 
 
 def run_crops(
-    ckpt: Checkpoint, targets: str | os.PathLike | None = None, n: int = N_COVER
+    ckpt: Checkpoint, targets: str | os.PathLike | np.ndarray | None = None, n: int = N_COVER
 ) -> tuple[np.ndarray, str]:
     """Up to ``n`` real canonical crops ``(n, C, S, S)`` of the training data, and where from.
 
-    ``targets``: a folder of canonical crops or a ``.npy`` crops file (as ``mevae encode
-    --targets``).  Without it, the training run the checkpoint belongs to (``RUN/models/
-    checkpoint.pt``): its ``Truth_images.png``, the grid of the first training targets as the
-    run saved them (8-bit, so for 1 to 3 channels)."""
+    ``targets``: the crops themselves (an array, e.g. ``CellCrops.crops`` in napari), a folder
+    of canonical crops or a ``.npy`` crops file (as ``mevae encode --targets``).  Without it,
+    the training run the checkpoint belongs to (``RUN/models/checkpoint.pt``): its
+    ``Truth_images.png``, the grid of the first training targets as the run saved them (8-bit,
+    so for 1 to 3 channels)."""
     cfg = ckpt.config
     size, channels = cfg.image_size, cfg.channels
+    if isinstance(targets, np.ndarray):
+        if targets.ndim != 4 or targets.shape[1:] != (channels, size, size) or not len(targets):
+            raise InputError(
+                f"crops of shape {targets.shape}; the model wants (N, {channels}, {size}, {size})"
+            )
+        take = min(n, len(targets))
+        return np.asarray(targets[:take], dtype=np.float32), f"{take} crops given to the export"
     if targets is not None:
         from .workflow import open_targets
 
@@ -660,7 +668,7 @@ def export_package(
     checkpoint: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    targets: str | os.PathLike | None = None,
+    targets: str | os.PathLike | np.ndarray | None = None,
     name: str | None = None,
     authors: Sequence[str] | str | None = None,
     description: str | None = None,
@@ -671,7 +679,8 @@ def export_package(
     """Write the checkpoint ``checkpoint`` (a ``.pt``, a training run or a package) as a
     BioImage Model Zoo package ``out``, validate it with ``bioimageio.spec`` and, unless
     ``test`` is False, test it with ``bioimageio.core``.  Written atomically: ``out`` appears
-    only when the package is valid (and passed)."""
+    only when the package is valid (and passed).  ``targets``: real crops of the training data
+    for the test tensors and the cover (see :func:`run_crops`)."""
     _bioimageio()
     from . import __version__
     from .analysis import encode
