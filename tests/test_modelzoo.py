@@ -14,6 +14,7 @@ import os
 import pickle
 import shutil
 import socket
+import sys
 import zipfile
 
 import numpy as np
@@ -329,6 +330,16 @@ def test_export_explains_what_it_needs(run, tmp_path, capsys):
     assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "m.pt")]) == 2
     assert "must name a .zip" in capsys.readouterr().err
     assert not list(tmp_path.glob("m*"))
+
+
+def test_export_without_the_extra_says_what_to_install(run, package, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bioimageio.core", None)  # as if not installed
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "m.zip")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'napari-mevae[bioimageio]'" in err
+    # loading a package needs no bioimageio
+    monkeypatch.setitem(sys.modules, "bioimageio.spec", None)
+    assert load_checkpoint(package).epoch == 3
 
 
 @pytest.mark.parametrize("variance", ["mixed", "unmeasured", "none used"])
