@@ -22,6 +22,7 @@ CORE = [
     "child",
     "cli",
     "demo",
+    "modelzoo",
 ]
 GUI = ("napari", "qtpy", "PyQt6", "PyQt5", "PySide6", "magicgui", "vispy")
 
@@ -54,3 +55,9 @@ def test_package_cli_and_analysis_do_not_import_umap_or_sklearn_eagerly():
     mods = _loaded_after("import napari_mevae, napari_mevae.cli, napari_mevae.analysis")
     assert "umap" not in mods and "sklearn" not in mods
     assert "torch" not in _loaded_after("import napari_mevae, napari_mevae.cli")
+
+
+def test_checkpoints_and_packages_load_without_bioimageio():
+    """Reading a Model Zoo package needs only the core (bioimageio is for exporting)."""
+    mods = _loaded_after("import napari_mevae.checkpoints, napari_mevae.modelzoo")
+    assert not [m for m in mods if m.startswith("bioimageio")]

@@ -129,8 +129,13 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 def load_checkpoint(
     path: str | os.PathLike, map_location: str | torch.device = "cpu"
 ) -> Checkpoint:
-    """Read a checkpoint safely: ``weights_only=True`` so a file can never run code."""
+    """Read a checkpoint safely: ``weights_only=True`` so a file can never run code.  A
+    BioImage Model Zoo package written by ``mevae export`` (a .zip) loads as well."""
     p = resolve_checkpoint(path)
+    from .modelzoo import is_package, load_package
+
+    if is_package(p):
+        return load_package(p, map_location)
     try:
         payload = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as err:  # pickle.UnpicklingError, RuntimeError (zip), EOFError...

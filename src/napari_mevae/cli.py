@@ -5,6 +5,7 @@ mevae train   --targets OutputImages/ --nuisances rotation,polarity ...   (fresh
 mevae encode  --checkpoint Outputs/ --data_dir NewCells/ --out encodings.csv
 mevae pairs   --image IMG.tif --labels LABELS.tif --out DIR
 mevae evaluate --checkpoint Outputs/ --targets OutputImages/ --out report.json
+mevae export  --checkpoint Outputs/ --out model.zip --authors "..."   (BioImage Model Zoo)
 mevae demo    [--out mevae-demo]
 """
 
@@ -238,6 +239,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--last", type=int, default=None, help="one past the last cell")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON file for the report")
+
+    p = sub.add_parser(
+        "export",
+        help="write a trained model as a BioImage Model Zoo package (.zip), validated and tested",
+    )
+    p.add_argument(
+        "--checkpoint", required=True, help="checkpoint file, training save_dir or package"
+    )
+    p.add_argument("--out", required=True, help="the package to write (.zip)")
+    p.add_argument(
+        "--targets",
+        help="canonical crops of the training data (a folder of images or a crops .npy) for the "
+        "test tensors and the cover (default: the run's Truth_images.png)",
+    )
+    p.add_argument("--name", help="the model's name (letters, digits, spaces, _+-())")
+    p.add_argument(
+        "--authors",
+        help='comma-separated names ("Ada Lovelace, Alan Turing"; ";" if names hold ",")',
+    )
+    p.add_argument("--description", help="one or two sentences on the model")
+    p.add_argument("--license", default="CC-BY-4.0", help="SPDX licence id (default CC-BY-4.0)")
+    p.add_argument(
+        "--tags", default="", help="extra comma-separated tags, e.g. fluorescence-light-microscopy"
+    )
+    p.add_argument(
+        "--no-test", action="store_true", help="skip bioimageio.core's test run (validation stays)"
+    )
+    p.add_argument("--verbose", type=int, default=1)
 
     p = sub.add_parser("demo", help="the whole job on built-in synthetic cells, in about a minute")
     p.add_argument("--out", default="mevae-demo", help="output folder (default mevae-demo)")
@@ -528,6 +557,33 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .modelzoo import export_package
+
+    result = export_package(
+        args.checkpoint,
+        args.out,
+        targets=args.targets,
+        name=args.name,
+        authors=args.authors,
+        description=args.description,
+        license=args.license,
+        tags=[t.strip() for t in args.tags.split(",") if t.strip()],
+        test=not args.no_test,
+    )
+    for warning in result.warnings:
+        _say(args, f"bioimageio.spec warns: {warning}")
+    tested = (
+        f", bioimageio.core test {result.test}" if result.test else ", not test-run (--no-test)"
+    )
+    _say(
+        args,
+        f"wrote {result.path}: bioimageio.spec {result.validation}{tested}; test tensors from "
+        f"{result.crops_from}; load it with --checkpoint {result.path}",
+    )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -575,6 +631,7 @@ COMMANDS = {
     "encode": cmd_encode,
     "pairs": cmd_pairs,
     "evaluate": cmd_evaluate,
+    "export": cmd_export,
     "demo": cmd_demo,
 }
 

@@ -507,7 +507,10 @@ class ModelPanel(Panel):
             return False
         if path is None:
             path, _ = QFileDialog.getOpenFileName(
-                self, "Load ME-VAE checkpoint", "", "Checkpoints (*.pt);;All files (*)"
+                self,
+                "Load ME-VAE checkpoint",
+                "",
+                "Checkpoints and Model Zoo packages (*.pt *.zip);;All files (*)",
             )
             if not path:
                 return False
