@@ -13,6 +13,8 @@ Everything that reads or writes those folders is here, with one reader and one w
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import warnings
@@ -144,11 +146,13 @@ def read_raw_image(path: str | os.PathLike) -> np.ndarray:
     """A file's pixels as stored (TIFF with tifffile, PNG/JPEG with scikit-image).  Errors name
     the file, in one line; complex values are refused."""
     path = Path(path)
+    complaints = _Complaints()
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
             import tifffile
 
-            arr = tifffile.imread(path)
+            with complaints.of("tifffile"):  # a damaged file is logged, not raised
+                arr = tifffile.imread(path)
         else:
             from skimage.io import imread
 
@@ -163,9 +167,35 @@ def read_raw_image(path: str | os.PathLike) -> np.ndarray:
         text = " ".join(str(err).split()) or type(err).__name__
         raise InputError(f"cannot read image {path}: {text}") from err
     arr = np.asarray(arr)
+    if arr.size == 0:
+        why = complaints.last or "no pixels"
+        raise InputError(f"cannot read image {path}: {why}")
     if arr.dtype.kind not in "biuf":
         raise InputError(f"{path}: its pixels are {arr.dtype}; expected real intensities")
     return arr
+
+
+class _Complaints(logging.Handler):
+    """What a library logs while reading a file, kept for the error message instead of being
+    printed as lines of its own."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.last = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.last = " ".join(record.getMessage().split())
+
+    @contextlib.contextmanager
+    def of(self, name: str):
+        logger = logging.getLogger(name)
+        logger.addHandler(self)
+        propagate, logger.propagate = logger.propagate, False
+        try:
+            yield self
+        finally:
+            logger.propagate = propagate
+            logger.removeHandler(self)
 
 
 #: an image whose side is more than this many times the crop's is "far larger" (warned)

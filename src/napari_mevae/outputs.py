@@ -252,7 +252,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Ite
 
 # -- one run per folder --------------------------------------------------------------------------
 LOCK_NAME = ".mevae.lock"
-_HELD: dict[str, list[Any]] = {}  # folder -> [fd, depth, pid]: the locks this process holds
+#: the locks this process holds: folder -> [fd, depth, pid, whether acquiring made the folder]
+_HELD: dict[str, list[Any]] = {}
 
 
 def _lock_fd(fd: int) -> bool:
@@ -305,9 +306,11 @@ class DirLock:
         self.folder = Path(folder)
         self.command = command
         self.key = ""
+        self.created = False
 
     def acquire(self) -> DirLock:
         check_output_dir(self.folder)
+        self.created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         self.key = os.path.realpath(self.folder)
         held = _HELD.get(self.key)
@@ -340,7 +343,7 @@ class DirLock:
         }
         os.ftruncate(fd, 0)
         os.write(fd, (json.dumps(info) + "\n").encode())
-        _HELD[self.key] = [fd, 1, os.getpid()]
+        _HELD[self.key] = [fd, 1, os.getpid(), self.created]
         return self
 
     def release(self) -> None:
@@ -354,6 +357,9 @@ class DirLock:
         with contextlib.suppress(OSError):
             os.unlink(Path(self.key) / LOCK_NAME)  # while still holding it
         os.close(held[0])
+        if held[3]:  # a folder made for a run that wrote nothing goes again
+            with contextlib.suppress(OSError):
+                os.rmdir(self.key)
 
     def __enter__(self) -> DirLock:
         return self.acquire()

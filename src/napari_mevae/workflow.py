@@ -142,16 +142,16 @@ PAIRS_FILES = ("cells.csv", "crops.npy", "crops.csv")
 
 def pairs_outputs(folder: str | Path) -> list[Path]:
     """What an earlier :func:`write_pairs` wrote into ``folder``: ``InputImages<k>/``,
-    ``OutputImages/``, ``cells.csv``, ``crops.npy``, ``crops.csv``."""
+    ``OutputImages/``, ``cells.csv``, ``crops.npy``, ``crops.csv`` (and the temporary folders
+    of one that was killed)."""
     import re
 
     folder = Path(folder)
     if not folder.is_dir():
         return []
+    owned = r"InputImages\d+|OutputImages|\.mevae-(pairs|old)\..+"
     return sorted(
-        p
-        for p in folder.iterdir()
-        if p.name in PAIRS_FILES or re.fullmatch(r"InputImages\d+|OutputImages", p.name)
+        p for p in folder.iterdir() if p.name in PAIRS_FILES or re.fullmatch(owned, p.name)
     )
 
 
@@ -174,7 +174,7 @@ def write_pairs(
     import tempfile
 
     from .folders import export_pairs
-    from .outputs import check_output_dir
+    from .outputs import WriteFailed, check_output_dir
 
     out = check_output_dir(out, "output folder")
     out.mkdir(parents=True, exist_ok=True)
@@ -188,7 +188,11 @@ def write_pairs(
         table.to_csv(stage / "cells.csv", index=False)
         if npy:
             cells.save(stage / "crops.npy")
-        _swap_in(stage, out, pairs_outputs(out))
+        _swap_in(stage, out, [p for p in pairs_outputs(out) if p != stage])
+    except OSError as err:  # name the folder asked for, not the temporary one
+        if err.errno is None or not str(err.filename or stage).startswith(str(stage)):
+            raise
+        raise WriteFailed(err.errno, err.strerror or os.strerror(err.errno), str(out)) from err
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return table
