@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
 import re
@@ -96,7 +97,8 @@ def program_env() -> dict[str, str]:
 # -- the data every case uses ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict[str, Path]:
-    from napari_mevae.config import preset
+    from napari_mevae.checkpoints import save_checkpoint
+    from napari_mevae.config import MEVAEConfig, preset
     from napari_mevae.model import MEVAE
     from napari_mevae.store import _write_header, write_crops
     from napari_mevae.synthetic import make_synthetic_cells, synthetic_crops
@@ -140,6 +142,8 @@ def world(tmp_path_factory) -> dict[str, Path]:
     name = next(k for k in nan["model"] if k.endswith("weight"))
     nan["model"][name] = torch.full_like(nan["model"][name], float("nan"))
     torch.save(nan, root / "nan.pt")
+    other = MEVAE(MEVAEConfig.from_dict(good["config"]))  # same architecture, other weights
+    save_checkpoint(root / "other.pt", other)
     (root / "classes.csv").write_text("name,class\nImage_0.tif,a\n")
     (root / "old.csv").write_text("filename,z0\nkept,1\n")
     (root / "a dir").mkdir()
@@ -280,6 +284,12 @@ CASES: dict[str, Case] = {
         r"--out .*pairs is not empty \(InputImages1, InputImages2, OutputImages, cells.csv\).*--overwrite",
         watch=lambda w, t: [t], setup=_pairs_folder,
     ),
+    # 5. the outputs of one model never land beside another's checkpoint
+    "5-load-into-another-run": Case(
+        lambda w, t: _train(w, w["run"], "--phase", "load", "--checkpoint", w["root"] / "other.pt"),
+        2, r"run holds the checkpoint of another model .*write to another folder",
+        watch=lambda w, t: [w["run"]],
+    ),
     # 7. a run failing at once keeps the old log with the old checkpoint
     "7-nan-at-once-into-a-run": Case(
         lambda w, t: _train(w, w["run"], "--learn_rate", "1e6", "--epochs", "3"), 2,
@@ -372,6 +382,12 @@ CASES: dict[str, Case] = {
         lambda w, t: ["encode", "--checkpoint", w["run"], "--data_dir", t / "twins", "--out", t / "e.csv"],
         2, r"several images with one name \(Image_1.tif and Image_1.tiff\)", watch=lambda w, t: [t],
         setup=_twins,
+    ),
+    "12-image-and-labels-differ-flag-named": Case(
+        lambda w, t: ["pairs", "--image", t / "two.tif", "--labels", w["root"] / "lab.tif",
+                      "--out", t / "p", "--channel-axis", "0", "--verbose", "0"],
+        2, r"does not match .*--channel-axis=0", watch=lambda w, t: [t],
+        setup=lambda t: tifffile.imwrite(t / "two.tif", np.zeros((2, 100, 100), np.float32)),
     ),
     "12-stack-labels-no-python-hint": Case(
         lambda w, t: _pairs(w, t / "p", labels="lab3d.tif"), 2,
@@ -539,7 +555,7 @@ def test_6_9_second_run_fails_fast_and_ctrl_c_keeps_what_was_learned(world, tmp_
     from napari_mevae.store import write_crops
     from napari_mevae.synthetic import synthetic_crops
 
-    crops, _ = synthetic_crops(n=160, size=32, channels=1, seed=1)
+    crops, _ = synthetic_crops(n=240, size=32, channels=1, seed=1)
     path = write_crops(tmp_path / "crops.npy", crops, dtype="uint8")
     save = tmp_path / "run"
     cmd = [sys.executable, "-m", "napari_mevae", "train", "--targets", str(path),
@@ -571,7 +587,7 @@ def test_6_9_second_run_fails_fast_and_ctrl_c_keeps_what_was_learned(world, tmp_
         line = one_error(lines, "train")
         assert f"is in use by mevae train (pid {proc.pid} on host {socket.gethostname()}" in line
 
-        wait_for(r"epoch 2/50: +\d+%\|[^|]*\| [1-9]\d*/40")  # a step or more into epoch 2
+        wait_for(r"epoch 2/50: +\d+%\|[^|]*\| [1-9]\d*/60")  # a step or more into epoch 2
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 130
     finally:
@@ -583,14 +599,15 @@ def test_6_9_second_run_fails_fast_and_ctrl_c_keeps_what_was_learned(world, tmp_
     last = [ln for ln in text.replace("\r", "\n").splitlines() if ln.strip()][-1]
     assert last.startswith("mevae train: interrupted: the weights at the interrupt are saved in")
     assert (save / "models" / "checkpoint.pt").read_bytes() != first
+    steps = int(re.search(r"after (\d+) training step", last).group(1))
+    assert steps % 60, steps  # interrupted inside an epoch (60 steps each)
     ckpt = load_checkpoint(save)
-    assert ckpt.epoch == 1  # a resumed run redoes the interrupted epoch
-    old = torch.load(__import__("io").BytesIO(first), weights_only=True, map_location="cpu")[
-        "model"
-    ]
+    assert ckpt.epoch == steps // 60  # the full epochs: a resumed run redoes the interrupted one
+    assert len(ckpt.history) == ckpt.epoch
+    old = torch.load(io.BytesIO(first), weights_only=True, map_location="cpu")["model"]
     assert any(not torch.equal(old[k], ckpt.model_state[k]) for k in old)  # what it learned since
     assert not (save / ".mevae.lock").exists()  # released
-    assert len((save / "training.log").read_text().splitlines()) == 2  # header + epoch 0
+    assert len((save / "training.log").read_text().splitlines()) == 1 + ckpt.epoch
 
 
 def test_6_a_lock_left_by_a_dead_process_does_not_block(world, tmp_path, capsys):

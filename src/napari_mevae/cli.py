@@ -775,6 +775,8 @@ def cmd_pairs(args: argparse.Namespace) -> int:
 
     try:
         cells = crop_cells(image, labels, settings, progress=progress)
+    except ValueError as err:  # the flag, not the Python argument
+        raise InputError(re.sub(r"\bchannel_axis\b", "--channel-axis", str(err))) from err
     finally:
         bar.close()
     if len(cells.crops) == 0:
