@@ -799,3 +799,16 @@ def test_4_pairs_overwrite_that_fails_keeps_the_earlier_output(
     assert code == 2
     assert re.search(r"disk full \(ENOSPC\) while writing .*/pairs$", one_error(lines, "pairs"))
     assert snapshot(out) == before
+
+
+def test_10_crops_that_cannot_fit_in_memory_are_refused_before_allocating(world, monkeypatch):
+    from napari_mevae import cells
+    from napari_mevae.config import InputError
+
+    image = tifffile.imread(world["root"] / "img.tif")
+    labels = tifffile.imread(world["root"] / "lab.tif")
+    monkeypatch.setattr(cells, "_available_memory", lambda: 2**20)  # 1 MiB free
+    with pytest.raises(
+        InputError, match=r"cropping 12 cells of 1 channel\(s\) at 4096 px needs 0.75 GiB"
+    ):
+        cells.extract_cells(image, labels, size=4096)
