@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from .outputs import atomic_write
+
 if TYPE_CHECKING:  # torch is imported lazily so that importing this module stays cheap
     import torch
 
@@ -42,6 +44,15 @@ def _as_model_inputs(batch: np.ndarray, n_encoders: int) -> np.ndarray:
     if batch.ndim == 4:
         return np.repeat(batch[:, None], n_encoders, axis=1)
     return batch
+
+
+def _check_batch_size(batch_size: Any) -> int:
+    """A positive integer; anything else is refused (a negative one encoded nothing)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    return int(batch_size)
 
 
 def _check_crops(model: MEVAE, crops: np.ndarray) -> np.ndarray:
@@ -76,6 +87,7 @@ def iter_encode(
     default: the product of the encoder means.  Dimensions the model does not use are 0 unless
     ``inactive_to_zero`` is False (see :meth:`MEVAE.encode`).
     """
+    _check_batch_size(batch_size)
     n = _check_crops(model, crops).shape[0]
     out = np.empty((n, model.config.latent_dim), dtype=np.float32)
     chunks = iter_encode_chunks(model, crops, batch_size, sample, device, inactive_to_zero)
@@ -97,6 +109,7 @@ def iter_encode_chunks(
     many cells to a file (``crops`` may be a lazy :class:`~napari_mevae.store.CropStore`)."""
     import torch
 
+    batch_size = _check_batch_size(batch_size)
     crops = _check_crops(model, crops)
     dev = next(model.parameters()).device if device is None else torch.device(device)
     model = model.to(dev).eval()
@@ -136,6 +149,7 @@ def reconstruct(model: MEVAE, crops: np.ndarray, batch_size: int = 256) -> np.nd
     """The model's corrected cells ``(N, C, S, S)`` in [0, 1]."""
     import torch
 
+    batch_size = _check_batch_size(batch_size)
     crops = _check_crops(model, crops)
     dev = next(model.parameters()).device
     model.eval()
@@ -449,8 +463,6 @@ def export_features_csv(
     df = table.copy() if cells is None else every_cell_table(table, cells)
     for key, value in (sources or {}).items():
         df.insert(len(df.columns), f"source_{key}", value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_write(path, newline="") as fh:
+        df.to_csv(fh, index=False)
     return path

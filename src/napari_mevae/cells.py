@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from .config import CropSettings
+from .config import CropSettings, InputError
 
 __all__ = ["CellCrops", "extract_cells", "canonical_pose", "TABLE_COLUMNS"]
 
@@ -70,16 +70,26 @@ class CellCrops:
         return len(self.crops)
 
     def skip_summary(self) -> dict[str, int]:
-        """``{reason: count}`` of the skipped cells, for messages."""
-        return {str(k): int(v) for k, v in self.skipped["skip_reason"].value_counts().items()}
+        """``{reason: count}`` of the skipped cells, for messages; reasons that differ only in
+        the cell's own number (``area above max_area (612 > 500)``) count as one
+        (``area above max_area (> 500)``)."""
+        reasons = (
+            self.skipped["skip_reason"]
+            .astype(str)
+            .str.replace(r"\((\d+) ([<>]) (\d+)\)", r"(\2 \3)", regex=True)
+        )
+        return {str(k): int(v) for k, v in reasons.value_counts().items()}
 
     def save(self, path: str | os.PathLike, dtype: str = "float16") -> Path:
         """Write the crops as a ``.npy`` crops file (read lazily by ``store.CropStore`` and
         ``mevae train --targets FILE.npy``) and the table beside it as ``<name>.csv``."""
+        from .outputs import OutputSet
         from .store import write_crops
 
-        path = write_crops(Path(path), self.crops, dtype=dtype)
-        self.table.to_csv(path.with_suffix(".csv"), index=False)
+        with OutputSet() as out:  # both files, or neither
+            path = write_crops(Path(path), self.crops, dtype=dtype, outputs=out)
+            with out.open(path.with_suffix(".csv"), newline="") as fh:
+                self.table.to_csv(fh, index=False)
         return path
 
 
@@ -454,6 +464,7 @@ def extract_cells(
                 objects.append((p, k + 1, sl, original))
 
     total = len(objects)
+    _check_memory(total, n_ch, size)
     crops = np.zeros((total, n_ch, size, size), np.float32)
     rows: list[dict[str, Any]] = []
     n_kept = 0
@@ -521,9 +532,11 @@ def extract_cells(
             progress(done, total)
 
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    # uint64 ids above 2**63 do not fit int64 (they came out negative)
+    big_ids = bool(rows) and max(r["label"] for r in rows) > np.iinfo(np.int64).max
     table = table.astype(
         {
-            "label": np.int64,
+            "label": np.uint64 if big_ids else np.int64,
             "plane": np.int64,
             "area": np.int64,
             "crop_index": np.int64,
@@ -534,6 +547,41 @@ def extract_cells(
     if n_kept < 0.9 * total:
         out = out.copy()  # do not keep the unused slots alive
     return CellCrops(out, table)
+
+
+def _available_memory() -> int | None:
+    """Bytes this process may still allocate: free RAM, and the address-space limit
+    (``ulimit -v``) when one is set; None when unknown."""
+    free = None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if limit != resource.RLIM_INFINITY:
+            free = limit if free is None else min(free, limit)
+    except (ImportError, OSError, ValueError):
+        pass
+    return free
+
+
+def _check_memory(n_cells: int, channels: int, size: int) -> None:
+    """Refuse, in one line, crops that cannot fit in memory, before allocating them."""
+    need = 4 * n_cells * channels * size * size
+    free = _available_memory()
+    if free is not None and need > free:
+        raise InputError(
+            f"cropping {n_cells} cells of {channels} channel(s) at {size} px needs "
+            f"{need / 2**30:.3g} GiB of memory, more than is free ({free / 2**30:.3g} GiB): "
+            "use a smaller crop size or fewer cells"
+        )
 
 
 def _cell_mask(arr: np.ndarray) -> np.ndarray:

@@ -5,8 +5,8 @@ code.  A readable ``<name>.json`` with the model config is written beside it.
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +16,7 @@ import torch
 
 from .config import CheckpointError, MEVAEConfig
 from .model import MEVAE
+from .outputs import OutputSet
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -51,32 +52,22 @@ class Checkpoint:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        _readable(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` to ``path``, complete or not at all (through :mod:`.outputs`)."""
+    with OutputSet() as out:
+        out.write_bytes(path, torch_bytes(obj))
 
 
 def _atomic_write_text(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    _readable(tmp)
-    os.replace(tmp, path)
+    with OutputSet() as out:
+        out.write_text(path, text)
 
 
-def _readable(path: str) -> None:
-    """mkstemp makes 0600 files; give checkpoints the usual umask-based permissions."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+def torch_bytes(obj: Any) -> bytes:
+    """``torch.save`` into memory: the file is then written by plain Python, whose errors carry
+    their errno (torch's own writer turns a full disk into "unexpected pos 104128 vs 104016")."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
 def save_checkpoint(
@@ -87,11 +78,13 @@ def save_checkpoint(
     history: Iterable[dict[str, float]] = (),
     extra: dict[str, Any] | None = None,
     optimizer_state: dict[str, Any] | None = None,
+    outputs: OutputSet | None = None,
 ) -> Path:
     """Write weights + config atomically (temp file + rename) and a readable config JSON beside.
 
     ``path`` is a ``.pt`` file or a directory (then ``<dir>/checkpoint.pt``).  The optimizer
-    state comes from ``optimizer`` or, when only its state is at hand, ``optimizer_state``."""
+    state comes from ``optimizer`` or, when only its state is at hand, ``optimizer_state``.
+    With ``outputs`` the two files join that set and are renamed when it is committed."""
     path = Path(path)
     if path.suffix != ".pt":
         path = path / CHECKPOINT_NAME
@@ -106,8 +99,13 @@ def save_checkpoint(
         "history": [dict(h) for h in history],
         "extra": dict(extra or {}),
     }
-    _atomic_torch_save(payload, path)
-    _atomic_write_text(model_config(model).to_json() + "\n", path.with_suffix(".json"))
+    if outputs is not None:
+        outputs.write_bytes(path, torch_bytes(payload))
+        outputs.write_text(path.with_suffix(".json"), model_config(model).to_json() + "\n")
+        return path
+    with OutputSet() as out:  # both files, or neither
+        out.write_bytes(path, torch_bytes(payload))
+        out.write_text(path.with_suffix(".json"), model_config(model).to_json() + "\n")
     return path
 
 
@@ -153,6 +151,7 @@ def load_checkpoint(
         config = MEVAEConfig.from_dict(payload["config"])
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{p} has an invalid model config: {err}") from err
+    _check_weights(p, payload)
     return Checkpoint(
         config=config,
         model_state=payload["model"],
@@ -162,6 +161,25 @@ def load_checkpoint(
         extra=dict(payload.get("extra", {})),
         path=p,
     )
+
+
+def _check_weights(path: Path, payload: dict[str, Any]) -> None:
+    """The weights are there, are tensors, and are finite: a diverged model encodes every cell
+    as NaN."""
+    state = payload.get("model")
+    if not isinstance(state, dict) or not state:
+        raise CheckpointError(f"{path} holds no model weights (no 'model' entry)")
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: model entry {name!r} is not a tensor")
+        if name.endswith("latent_variance"):  # NaN there means "not measured yet"
+            continue
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise CheckpointError(
+                f"{path} holds NaN/inf weights ({bad} in {name!r}): the model it saved had "
+                "diverged; use an earlier checkpoint or train again"
+            )
 
 
 def check_compatible(config: MEVAEConfig, image_size: int, channels: int, n_inputs: int) -> None:

@@ -86,29 +86,49 @@ class MEVAEConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise a ValueError that names the bad field, before any tensor is built."""
+        """Raise a ValueError that names the bad field, before any tensor is built: wrong
+        types, impossible shapes, and sizes that would build a model no machine trains."""
         for name in ("image_size", "channels", "latent_dim", "inter_dim", "nlayers", "nfilters"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.n_encoders, int) or self.n_encoders < 1:
+        if not _is_int(self.n_encoders) or self.n_encoders < 1:
             raise ValueError(f"n_encoders (K) must be an integer >= 1, got {self.n_encoders!r}")
-        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be a positive odd integer, got {self.kernel_size}")
+        if not _is_int(self.kernel_size) or self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ValueError(
+                f"kernel_size must be a positive odd integer, got {self.kernel_size!r}"
+            )
+        if self.nlayers > MAX_NLAYERS:
+            raise ValueError(f"nlayers must be at most {MAX_NLAYERS}, got {self.nlayers}")
         step = 2**self.nlayers
         if self.image_size % step:
             raise ValueError(
                 f"image_size {self.image_size} must be a multiple of 2**nlayers = {step} "
                 f"(nlayers={self.nlayers}); try {max(step, round(self.image_size / step) * step)}"
             )
-        if self.beta < 0 or not math.isfinite(self.beta):
-            raise ValueError(f"beta must be a finite number >= 0, got {self.beta}")
+        # the last encoder convolution sees image_size / 2**(nlayers-1) pixels: a kernel much
+        # larger than that only multiplies padding (kernel 99 at 32 px: minutes per epoch)
+        smallest = self.image_size // 2 ** (self.nlayers - 1)
+        widest = max(3, smallest + 1)
+        if self.kernel_size > widest:
+            raise ValueError(
+                f"kernel_size {self.kernel_size} is larger than the feature maps it convolves "
+                f"({smallest} px at image_size {self.image_size} with nlayers {self.nlayers}); "
+                f"at most {widest - (widest % 2 == 0)}"
+            )
+        for name in ("beta", "epsilon_std", "free_bits"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.recon_loss not in ("bce", "mse"):
             raise ValueError(f"recon_loss must be 'bce' or 'mse', got {self.recon_loss!r}")
-        if self.epsilon_std < 0:
-            raise ValueError(f"epsilon_std must be >= 0, got {self.epsilon_std}")
-        if not (self.free_bits >= 0 and math.isfinite(self.free_bits)):
-            raise ValueError(f"free_bits must be a finite number >= 0, got {self.free_bits}")
+        n = parameter_count(self)
+        if n > MAX_PARAMETERS:
+            raise ValueError(
+                f"this model would have {n:.3g} parameters ({4 * n / 2**30:.3g} GiB of float32 "
+                f"weights; the limit is {MAX_PARAMETERS:.0e}): lower image_size, latent_dim, "
+                "inter_dim or nfilters"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -136,6 +156,39 @@ class MEVAEConfig:
     @property
     def bottleneck_size(self) -> int:
         return self.image_size // 2**self.nlayers
+
+
+#: the largest model (parameters) a config may describe: 1e9 float32 weights are 4 GiB, and
+#: training holds them three times (weights, gradients, RMSprop state)
+MAX_PARAMETERS = 10**9
+#: stride-2 layers per encoder: 2**12 px is more than any crop
+MAX_NLAYERS = 12
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def parameter_count(cfg: MEVAEConfig) -> int:
+    """Trainable parameters of the :class:`~napari_mevae.model.MEVAE` ``cfg`` describes,
+    computed without building it (so absurd sizes are refused before any allocation)."""
+    k2, nf = cfg.kernel_size**2, cfg.nfilters
+    enc, c_in = 0, cfg.channels
+    for i in range(cfg.nlayers):
+        c_out = nf * 2**i
+        enc += k2 * c_in * c_out + c_out
+        c_in = c_out
+    flat = c_in * (cfg.image_size // 2**cfg.nlayers) ** 2
+    enc += (
+        flat * cfg.inter_dim + cfg.inter_dim + 2 * (cfg.inter_dim * cfg.latent_dim + cfg.latent_dim)
+    )
+    dec = cfg.latent_dim * flat + flat
+    for i in range(cfg.nlayers):
+        c_out = nf * 2 ** (cfg.nlayers - i)
+        dec += k2 * c_in * c_out + c_out
+        c_in = c_out
+    dec += k2 * c_in * cfg.channels + cfg.channels
+    return cfg.n_encoders * enc + dec
 
 
 #: the model kinds a user picks (as shown) -> preset name
@@ -329,8 +382,17 @@ class TrainOptions:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
 
 
+#: limits of a run's pictures (workflow.write_run_outputs): ``num_save`` images per row of the
+#: grids (num_save x num_save images) and ``latent_samp`` steps of the latent walk
+#: (latent_dim x latent_samp decoded images)
+MAX_NUM_SAVE = 64
+MAX_LATENT_SAMP = 100
+
+
 # -- cropping cells --------------------------------------------------------------------------
 NORMALIZATIONS = ("percentile", "max", "range", "none")
+#: the largest crop side: one 4096 px float32 crop is 64 MiB a channel
+MAX_CROP_SIZE = 4096
 
 
 @dataclass
@@ -355,9 +417,13 @@ class CropSettings:
     def check(self) -> CropSettings:
         """Raise a ValueError naming the bad setting; returns itself (size as a plain int)."""
         size = self.size
-        if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 4:
-            raise ValueError(f"size must be an integer >= 4, got {size!r}")
+        if not _is_int(size) or not 4 <= size <= MAX_CROP_SIZE:
+            raise ValueError(f"size must be an integer from 4 to {MAX_CROP_SIZE}, got {size!r}")
         self.size = int(size)
+        if not _is_int(self.min_area) or self.min_area < 0:
+            raise ValueError(f"min_area must be an integer >= 0, got {self.min_area!r}")
+        if self.max_area is not None and (not _is_int(self.max_area) or self.max_area < 1):
+            raise ValueError(f"max_area must be a positive integer or None, got {self.max_area!r}")
         if self.scale not in ("fixed", "fit"):
             raise ValueError(f"scale must be 'fixed' or 'fit', got {self.scale!r}")
         if self.normalize not in (*NORMALIZATIONS, None):

@@ -13,19 +13,25 @@ Everything that reads or writes those folders is here, with one reader and one w
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .config import InputError
+
 __all__ = [
     "IMAGE_SUFFIXES",
     "list_images",
     "match_by_name",
     "read_image",
+    "read_raw_image",
     "write_image",
     "FolderPairs",
     "FolderTargets",
@@ -54,7 +60,19 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
         raise FileNotFoundError(
             f"no images ({', '.join(IMAGE_SUFFIXES)}) in {base}; expected <dir>/train/*.tif or <dir>/*.tif"
         )
-    return sorted(files, key=lambda p: natural_key(p.name))
+    files.sort(key=lambda p: natural_key(p.name))
+    by_stem: dict[str, list[str]] = {}
+    for f in files:
+        by_stem.setdefault(f.stem, []).append(f.name)
+    twins = [names for names in by_stem.values() if len(names) > 1]
+    if twins:  # images pair up by name: one of them would be dropped silently
+        shown = "; ".join(" and ".join(names) for names in twins[:3])
+        more = f" ({len(twins)} names in all)" if len(twins) > 3 else ""
+        raise InputError(
+            f"{base} holds several images with one name ({shown}{more}); images are "
+            "matched by name, so keep one of each"
+        )
+    return files
 
 
 def match_by_name(folders: Sequence[str | os.PathLike]) -> tuple[list[str], list[list[Path]]]:
@@ -74,7 +92,7 @@ def match_by_name(folders: Sequence[str | os.PathLike]) -> tuple[list[str], list
             )
             problems.append(f"{folder} lacks {shown}")
     if problems:
-        raise ValueError("images do not pair up by file name: " + "; ".join(problems))
+        raise InputError("images do not pair up by file name: " + "; ".join(problems))
     names = sorted(common, key=natural_key)
     return names, [[m[n] for n in names] for m in maps]
 
@@ -86,15 +104,7 @@ def read_image(
     maximum: see the module's docstring).  Resized when ``image_size`` differs.  Channel-last
     files ``(Y, X, C)`` with C <= 32 are moved to channel-first."""
     path = Path(path)
-    if path.suffix.lower() in (".tif", ".tiff"):
-        import tifffile
-
-        arr = tifffile.imread(path)
-    else:
-        from skimage.io import imread
-
-        arr = imread(path)
-    arr = np.asarray(arr)
+    arr = read_raw_image(path)
     as_uint8 = arr.dtype == np.uint8
     if arr.ndim == 2:
         arr = arr[None]
@@ -116,6 +126,7 @@ def read_image(
     if image_size is not None and arr.shape[1:] != (image_size, image_size):
         from skimage.transform import resize
 
+        arr = _shrink(path, arr, image_size)
         arr = resize(
             arr,
             (arr.shape[0], image_size, image_size),
@@ -129,6 +140,92 @@ def read_image(
         arr /= peak
     np.clip(arr, 0.0, 1.0, out=arr)
     return arr
+
+
+def read_raw_image(path: str | os.PathLike) -> np.ndarray:
+    """A file's pixels as stored (TIFF with tifffile, PNG/JPEG with scikit-image).  Errors name
+    the file, in one line; complex values are refused."""
+    path = Path(path)
+    complaints = _Complaints()
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            with complaints.of("tifffile"):  # a damaged file is logged, not raised
+                arr = tifffile.imread(path)
+        else:
+            from skimage.io import imread
+
+            arr = imread(path)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"image not found: {path}") from err
+    except MemoryError as err:
+        raise MemoryError(f"reading {path}: {err}") from err
+    except (InputError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as err:  # tifffile, PIL, imageio: many types for a damaged file
+        text = " ".join(str(err).split()) or type(err).__name__
+        raise InputError(f"cannot read image {path}: {text}") from err
+    arr = np.asarray(arr)
+    if arr.size == 0:
+        why = complaints.last or "no pixels"
+        raise InputError(f"cannot read image {path}: {why}")
+    if arr.dtype.kind not in "biuf":
+        raise InputError(f"{path}: its pixels are {arr.dtype}; expected real intensities")
+    return arr
+
+
+class _Complaints(logging.Handler):
+    """What a library logs while reading a file, kept for the error message instead of being
+    printed as lines of its own."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.last = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.last = " ".join(record.getMessage().split())
+
+    @contextlib.contextmanager
+    def of(self, name: str):
+        logger = logging.getLogger(name)
+        logger.addHandler(self)
+        propagate, logger.propagate = logger.propagate, False
+        try:
+            yield self
+        finally:
+            logger.propagate = propagate
+            logger.removeHandler(self)
+
+
+#: an image whose side is more than this many times the crop's is "far larger" (warned)
+FAR_LARGER = 8
+_warned_large: set[str] = set()
+
+
+def _shrink(path: Path, arr: np.ndarray, image_size: int) -> np.ndarray:
+    """Far larger images (a whole field instead of a cell crop?) are warned about once per
+    folder and first shrunk by block means to at most 4x the crop, so the anti-aliased resize
+    that follows takes milliseconds, not minutes (8000 x 8000 px: 135 s)."""
+    side = max(arr.shape[1:])
+    if side <= FAR_LARGER * image_size:
+        return arr
+    folder = str(path.parent)
+    if folder not in _warned_large:
+        _warned_large.add(folder)
+        warnings.warn(
+            f"{path.name} in {folder} is {arr.shape[2]}x{arr.shape[1]} px, far larger than "
+            f"the {image_size} px crops: it is shrunk to the crop size (were these meant to "
+            "be cell crops? mevae pairs makes them from a segmented image)",
+            UserWarning,
+            stacklevel=3,
+        )
+    f = side // (4 * image_size)
+    h, w = arr.shape[1] // f * f, arr.shape[2] // f * f
+    if h == 0 or w == 0:
+        return arr
+    blocks = arr[:, :h, :w].reshape(arr.shape[0], h // f, f, w // f, f)
+    return blocks.mean(axis=(2, 4), dtype=np.float32)
 
 
 def write_image(path: str | os.PathLike, image: np.ndarray) -> Path:

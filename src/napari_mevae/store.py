@@ -10,11 +10,15 @@ DataLoader worker processes each open their own handle.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+
+from .config import InputError
+from .outputs import OutputSet
 
 __all__ = ["CropStore", "write_crops"]
 
@@ -22,20 +26,28 @@ _DTYPES = (np.float32, np.float16, np.uint8)
 
 
 def write_crops(
-    path: str | os.PathLike, chunks: Iterable[np.ndarray] | np.ndarray, dtype: str = "float16"
+    path: str | os.PathLike,
+    chunks: Iterable[np.ndarray] | np.ndarray,
+    dtype: str = "float16",
+    outputs: OutputSet | None = None,
 ) -> Path:
     """Write crops ``(N, C, S, S)`` in [0, 1] (or an iterable of such chunks, streamed) to
-    ``path`` (.npy).  ``uint8`` stores 0..255, 4x smaller than float32."""
+    ``path`` (.npy).  ``uint8`` stores 0..255, 4x smaller than float32.  The file is complete
+    or untouched (with ``outputs``: renamed when that set of files is committed)."""
     path = Path(path)
     dt = np.dtype(dtype)
     if dt not in [np.dtype(d) for d in _DTYPES]:
         raise ValueError(f"dtype must be float32, float16 or uint8, got {dtype}")
     if isinstance(chunks, np.ndarray):
         chunks = [chunks]
-    tmp = path.with_name(path.name + ".tmp")
     n, shape = 0, None
     header_len = 0
-    with open(tmp, "wb") as fh:
+    own = outputs is None
+    out = OutputSet() if outputs is None else outputs
+    with contextlib.ExitStack() as stack:
+        if own:
+            stack.enter_context(out)
+        fh = stack.enter_context(out.open(path, "wb"))
         for chunk in chunks:
             chunk = np.asarray(chunk)
             if chunk.ndim != 4:
@@ -54,7 +66,6 @@ def write_crops(
         fh.seek(0)
         if _write_header(fh, dt, (n, *shape)) != header_len:  # pragma: no cover
             raise RuntimeError("npy header length changed")
-    os.replace(tmp, path)
     return path
 
 
@@ -86,17 +97,28 @@ class CropStore:
                     (2, 0): np.lib.format.read_array_header_2_0,
                 }[version]
                 shape, fortran, dtype = read(fh)
-            except (ValueError, KeyError) as err:
-                raise ValueError(f"{self.path} is not a .npy crops file: {err}") from err
+            except (ValueError, KeyError, EOFError) as err:
+                raise InputError(f"{self.path} is not a .npy crops file: {err}") from err
             self.offset = fh.tell()
+            size = os.fstat(fh.fileno()).st_size
         if fortran or len(shape) != 4 or dtype not in [np.dtype(d) for d in _DTYPES]:
-            raise ValueError(
+            raise InputError(
                 f"{self.path}: expected a C-order (N, C, S, S) float32/float16/uint8 array, "
                 f"got shape {shape}, dtype {dtype}"
             )
         self.shape = tuple(int(s) for s in shape)
         self.dtype = dtype
-        self.item_bytes = int(np.prod(self.shape[1:])) * dtype.itemsize
+        # plain Python ints: a header may claim any size; check it against the file before
+        # anything is allocated for it (a claimed 2**40 cells built names for minutes)
+        self.item_bytes = math.prod(self.shape[1:]) * dtype.itemsize
+        claimed = self.offset + self.shape[0] * self.item_bytes
+        if claimed != size:
+            holds = (size - self.offset) // self.item_bytes if self.item_bytes else 0
+            raise InputError(
+                f"{self.path}: its header claims {self.shape[0]} crops of "
+                f"{self.shape[1:]} ({claimed} bytes) but the file has {size} bytes "
+                f"(room for {max(0, holds)} crops): truncated, still being written, or damaged"
+            )
 
     def _handle(self) -> int:
         if self._fd is None or self._pid != os.getpid():  # re-open in worker processes

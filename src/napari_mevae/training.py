@@ -104,7 +104,12 @@ def select_device(device: str = "auto") -> torch.device:
         if mps is not None and mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"unknown device {device!r}: use auto, cpu, cuda, cuda:N (N = the GPU's number) or mps"
+        ) from err
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
     if dev.type == "mps" and not torch.backends.mps.is_available():
@@ -203,6 +208,10 @@ class Trainer:
         )
         self._stop = False
         self.last_checkpoint: Path | None = None
+        #: True after Ctrl-C (KeyboardInterrupt) ended the run; the current weights were saved
+        self.interrupted = False
+        #: optimizer steps taken by this run
+        self.steps_done = 0
         # the precision in use ("bf16", "fp16" or "float32"), after "auto" and hardware checks
         self.precision = resolve_precision(self.options.precision, self.device)
         self._autocast = AUTOCAST_DTYPES.get(self.precision)
@@ -408,6 +417,7 @@ class Trainer:
                         self.scaler.scale(loss).backward()
                         self.scaler.step(self.optimizer)
                         self.scaler.update()
+                    self.steps_done += 1
                     moments += terms["latent_moments"].to("cpu", torch.float64)
                     n = target.shape[0]
                     sums += vals * n
@@ -464,9 +474,14 @@ class Trainer:
                 if self._stop:
                     reason = "stopped"
                     break
-        except GeneratorExit:
-            # The consumer closed us (e.g. a napari worker quit): keep what was learned.
-            self.save(self._completed_epochs())
+        except (GeneratorExit, KeyboardInterrupt) as stop:
+            # The consumer closed us (e.g. a napari worker quit), or Ctrl-C arrived inside a
+            # step: keep what was learned, the weights as they are now.  The epoch counter
+            # stays at the last full epoch, so a resumed run redoes the interrupted one.
+            if isinstance(stop, KeyboardInterrupt):
+                self.interrupted = True
+            if self.steps_done:  # else nothing was learned: an older checkpoint stays
+                self.save(self._completed_epochs())
             self._finish()
             raise
         done_epoch = self._completed_epochs()
