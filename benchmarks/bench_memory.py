@@ -52,9 +52,9 @@ def child(path: str, steps: int, out_csv: str) -> None:
 
     from napari_mevae.config import MEVAEConfig, TrainOptions
     from napari_mevae.nuisances import NuisancePairs
+    from napari_mevae.runs import write_encodings_csv
     from napari_mevae.store import CropStore
     from napari_mevae.training import Trainer
-    from napari_mevae.workflow import write_encodings_csv
 
     store = CropStore(path)
     pairs = NuisancePairs(store, ["rotation", "polarity"], seed=0)

@@ -21,6 +21,9 @@ CORE = [
     "figures",
     "child",
     "cli",
+    "runs",
+    "resample",
+    "outputs",
     "demo",
     "modelzoo",
 ]

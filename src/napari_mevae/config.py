@@ -382,7 +382,7 @@ class TrainOptions:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
 
 
-#: limits of a run's pictures (workflow.write_run_outputs): ``num_save`` images per row of the
+#: limits of a run's pictures (runs.write_run_outputs): ``num_save`` images per row of the
 #: grids (num_save x num_save images) and ``latent_samp`` steps of the latent walk
 #: (latent_dim x latent_samp decoded images)
 MAX_NUM_SAVE = 64
