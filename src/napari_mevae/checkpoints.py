@@ -130,10 +130,10 @@ def load_checkpoint(
     """Read a checkpoint safely: ``weights_only=True`` so a file can never run code.  A
     BioImage Model Zoo package written by ``mevae export`` (a .zip) loads as well."""
     p = resolve_checkpoint(path)
-    from .modelzoo import is_package, load_package
+    from .modelzoo.package import is_package, read_package
 
     if is_package(p):
-        return load_package(p, map_location)
+        return Checkpoint(**read_package(p, map_location))
     try:
         payload = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as err:  # pickle.UnpicklingError, RuntimeError (zip), EOFError...

@@ -7,8 +7,11 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from .config import MAX_LATENT_SAMP, MAX_NUM_SAVE, InputError
 
@@ -18,16 +21,29 @@ if TYPE_CHECKING:
     from .cells import CellCrops
     from .model import MEVAE
     from .outputs import OutputSet
-    from .workflow import TrainData
 
 __all__ = [
     "PAIRS_FILES",
+    "TrainData",
     "RunLog",
     "pairs_outputs",
     "write_encodings_csv",
     "write_pairs",
     "write_run_outputs",
 ]
+
+
+@dataclass
+class TrainData:
+    """What a run on files reads: a dataset for the trainer, arrays for encoding and grids."""
+
+    dataset: Any
+    filenames: list[str]  # rows of filenames.csv / encodings.csv
+    encode_inputs: Any  # (N, K, C, S, S) or (N, C, S, S)
+    grid_inputs: list[np.ndarray]
+    targets: np.ndarray
+    n_encoders: int
+    nuisances: list[str]
 
 
 #: what ``mevae pairs`` / :func:`write_pairs` writes into its folder (and ``--overwrite`` replaces)

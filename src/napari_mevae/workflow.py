@@ -28,6 +28,7 @@ from .config import (
     kl_weight,
     preset,
 )
+from .runs import TrainData
 
 if TYPE_CHECKING:
     from .cells import CellCrops
@@ -168,19 +169,6 @@ def preview_pairs(
         k = inputs.shape[0]
         rows.extend([*inputs, target])
     return np.stack(rows), k
-
-
-@dataclass
-class TrainData:
-    """What a run on files reads: a dataset for the trainer, arrays for encoding and grids."""
-
-    dataset: Any
-    filenames: list[str]  # rows of filenames.csv / encodings.csv
-    encode_inputs: Any  # (N, K, C, S, S) or (N, C, S, S)
-    grid_inputs: list[np.ndarray]
-    targets: np.ndarray
-    n_encoders: int
-    nuisances: list[str]
 
 
 def open_targets(

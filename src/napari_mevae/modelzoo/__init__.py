@@ -25,8 +25,24 @@ in a package can run code.  Import needs neither bioimageio package; export (bui
 test) needs the ``[bioimageio]`` extra, imported only here and only when exporting.
 """
 
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
 from .export import ExportResult, export_package, run_crops, run_package_test, validate_package
-from .package import MARKER, PACKAGE_FORMAT, MEVAEFeatures, is_package, load_package
+from .package import MARKER, PACKAGE_FORMAT, MEVAEFeatures, is_package, read_package
+
+if TYPE_CHECKING:
+    from ..checkpoints import Checkpoint
+
+
+def load_package(path: str | os.PathLike, map_location: Any = "cpu") -> Checkpoint:
+    """A package written by ``mevae export`` as a checkpoint (see :func:`read_package`)."""
+    from ..checkpoints import Checkpoint
+
+    return Checkpoint(**read_package(path, map_location))
+
 
 __all__ = [
     "MARKER",
@@ -36,6 +52,7 @@ __all__ = [
     "export_package",
     "is_package",
     "load_package",
+    "read_package",
     "run_package_test",
     "run_crops",
     "validate_package",

@@ -48,7 +48,6 @@ from .package import (
     _readable,
     _sha256,
     features_module,
-    load_package,
 )
 
 
@@ -377,7 +376,7 @@ def export_package(
                         f"bioimageio.core's test failed: {_summary_problems(result)}"
                     )
             # the package loads back as a checkpoint that encodes as the original
-            back = load_package(tmp_zip).build_model("cpu")
+            back = load_checkpoint(tmp_zip).build_model("cpu")
             back_diff = float(np.max(np.abs(encode(back, crops) - reference)))
             if not back_diff < TOLERANCE:
                 raise CheckpointError(f"the package loads back {back_diff:g} off the checkpoint")

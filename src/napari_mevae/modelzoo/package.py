@@ -14,66 +14,40 @@ import re
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..config import ACTIVE_VARIANCE, CheckpointError, MEVAEConfig
 from ..model import MEVAE
 
-if TYPE_CHECKING:
-    from ..checkpoints import Checkpoint
-
-
 #: the key of this package's section in the rdf's ``config``, and a tag of every export
-
 MARKER = "napari-mevae"
-
 PACKAGE_FORMAT = "napari-mevae-bioimageio-package"
-
 PACKAGE_VERSION = 1
-
 RDF_NAMES = ("rdf.yaml", "bioimageio.yaml", "model.yaml")
-
 TORCHSCRIPT_FILE = "mevae_torchscript.pt"
-
 STATE_DICT_FILE = "mevae_state_dict.pt"
-
 TEST_INPUT_FILE = "test_input.npy"
-
 TEST_FEATURES_FILE = "test_output_features.npy"
-
 TEST_RECON_FILE = "test_output_reconstruction.npy"
-
 SAMPLE_INPUT_FILE = "sample_input.tif"
-
 SAMPLE_FEATURES_FILE = "sample_output_features.tif"
-
 SAMPLE_RECON_FILE = "sample_output_reconstruction.tif"
-
 HISTORY_FILE = "training_history.json"
-
 COVER_FILE = "cover.png"
-
 DOC_FILE = "README.md"
-
 #: the ME-VAE paper (Ternes et al., Communications Biology 5:255, 2022)
-
 PAPER_TEXT = (
     "Ternes L et al. A multi-encoder variational autoencoder controls multiple transformational "
     "features in single-cell image analysis. Communications Biology 5, 255 (2022)"
 )
-
 PAPER_DOI = "10.1038/s42003-022-03218-x"
-
 DEFAULT_LICENSE = "CC-BY-4.0"
 #: cells in the test tensors, and at most this many in the cover
-
 N_TEST = 8
-
 N_COVER = 16
 #: the feature encodings of an import equal the checkpoint's to this (float32)
-
 TOLERANCE = 1e-5
 
 
@@ -101,7 +75,8 @@ class MEVAEFeatures(MEVAE):
         return z, torch.sigmoid(self.decoder(z))
 
 
-def features_module(ckpt: Checkpoint) -> MEVAEFeatures:
+def features_module(ckpt: Any) -> MEVAEFeatures:
+    """The exported module with the weights of ``ckpt`` (a checkpoints.Checkpoint)."""
     module = MEVAEFeatures(**ckpt.config.to_dict())
     try:
         module.load_state_dict(ckpt.model_state)
@@ -177,15 +152,13 @@ def _is_torchscript(data: bytes) -> bool:
     return has_code and has_constants
 
 
-def load_package(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
+def read_package(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Read an ME-VAE package written by :func:`export_package` as a checkpoint.
 
     Raises :class:`CheckpointError` with one line when the zip is not a package, not an ME-VAE
     export of napari-mevae, lacks a file, a file does not match its SHA-256, the TorchScript
     weights are not TorchScript or the state dict holds anything but tensors."""
     import yaml
-
-    from ..checkpoints import Checkpoint
 
     p = Path(path)
     name = p.name
@@ -295,7 +268,7 @@ def load_package(path: str | os.PathLike, map_location: str | torch.device = "cp
         if isinstance(section.get("cells"), dict):
             extra["cells"] = dict(section["cells"])
         extra["package"] = {"name": rdf.get("name"), "file": name}
-        return Checkpoint(
+        return dict(  # the fields of a checkpoints.Checkpoint (this module does not import it)
             config=config,
             model_state=state,
             optimizer_state=None,
