@@ -59,10 +59,21 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _stream(run: ChildRun) -> Any:
+def _stream(run: ChildRun, device: str) -> Any:
     """The thread worker's body: forward what the training process yields (waiting on its pipe
-    releases the GIL, so the GUI thread runs freely); returns its checkpoint path."""
-    return (yield from run.results())
+    releases the GIL, so the GUI thread runs freely); then read the trained model here too
+    (a quarter of a second of torch that would otherwise stall the viewer) and return it."""
+    path = yield from run.results()
+    return _load(path, device)
+
+
+def _load(path: str, device: str) -> tuple[str, Any, Any]:
+    """``(path, checkpoint, model)``: plain torch work, fit for a worker thread."""
+    from ..checkpoints import load_checkpoint
+    from ..training import select_device
+
+    ckpt = load_checkpoint(path)
+    return path, ckpt, ckpt.build_model(select_device(device))
 
 
 class ModelPanel(Panel):
@@ -341,6 +352,7 @@ class ModelPanel(Panel):
         worker = create_worker(
             _stream,
             self.run,
+            options.device,
             _progress={"total": 2 + options.epochs * (self._steps + 1), "desc": "ME-VAE: training"},
             _start_thread=False,
             _connect={"errored": self._on_error},
@@ -426,8 +438,8 @@ class ModelPanel(Panel):
             metadata={"epoch": report.epoch, "layout": "target | reconstruction"},
         )
 
-    def _on_returned(self, checkpoint: str) -> None:
-        self._keep(checkpoint, "trained here", self._run_type)
+    def _on_returned(self, loaded: tuple[str, Any, Any]) -> None:
+        self._keep(loaded[0], "trained here", self._run_type, loaded=loaded)
 
     def _on_error(self, err: Exception) -> None:
         self.error(f"Training failed: {err}")
@@ -442,15 +454,12 @@ class ModelPanel(Panel):
         self.update_buttons()
         self._describe_model()
 
-    def _keep(self, path: str, source: str, model_type: str = "") -> bool:
-        """Make the checkpoint at ``path`` the session's model."""
-        from ..checkpoints import load_checkpoint
-        from ..training import select_device
-
+    def _keep(self, path: str, source: str, model_type: str = "", loaded: Any = None) -> bool:
+        """Make the checkpoint at ``path`` the session's model (``loaded``: what ``_load``
+        already read from it in a worker thread)."""
         s = self.session
         try:
-            ckpt = load_checkpoint(path)
-            model = ckpt.build_model(select_device(self.device.currentText()))
+            _, ckpt, model = loaded or _load(path, self.device.currentText())
         except (CheckpointError, ValueError) as err:
             self.error(f"Cannot load {Path(path).name}: {err}")
             return False
