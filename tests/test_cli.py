@@ -88,6 +88,20 @@ def test_train_writes_every_reference_output(trained, lincs64):
     assert ck.config.n_encoders == 2 and ck.config.image_size == 32 and ck.epoch == 2
 
 
+def test_zero_epochs_into_a_new_folder_writes_the_untrained_run(lincs64, tmp_path):
+    """--epochs 0 (the fixed-cost run): an untrained model's checkpoint holds NaN activity,
+    which must still count as this model's own checkpoint when the outputs are written."""
+    out = tmp_path / "zero"
+    assert (
+        main(["train", *pair_args(lincs64), "--save_dir", str(out), "--epochs", "0", *SMALL]) == 0
+    )
+    for name in REFERENCE_OUTPUTS:
+        assert (out / name).is_file(), name
+    ck = load_checkpoint(out)
+    assert ck.epoch == 0 and np.isnan(ck.model_state["latent_variance"].numpy()).all()
+    assert len(pd.read_csv(out / "encodings.csv")) == 64
+
+
 def test_phase_load_encodes_without_retraining(trained, lincs64, tmp_path):
     out = tmp_path / "again"
     before = (trained / "models" / "checkpoint.pt").read_bytes()

@@ -293,7 +293,6 @@ def _check_run_checkpoint(save_dir: Path, model: MEVAE) -> None:
     """The outputs of ``model`` may go into ``save_dir`` only when its checkpoint (if any) is
     ``model``'s: encodings of one model beside another's checkpoint would be one run's files
     mixed with another's."""
-    import torch
 
     from .checkpoints import CHECKPOINT_NAME, load_checkpoint
 
@@ -305,11 +304,23 @@ def _check_run_checkpoint(save_dir: Path, model: MEVAE) -> None:
     except Exception:  # unreadable: it is replaced by nothing here, and named
         saved = {}
     ours = model.state_dict()
-    same = saved.keys() == ours.keys() and all(
-        torch.equal(saved[k].cpu(), ours[k].detach().cpu()) for k in ours
-    )
+    same = saved.keys() == ours.keys() and all(_same(saved[k], ours[k]) for k in ours)
     if not same:
         raise InputError(
             f"{save_dir} holds the checkpoint of another model ({path}); its outputs would "
             "not match it: write to another folder"
         )
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal tensors, NaN matching NaN (an untrained model's latent activity is NaN)."""
+    import torch
+
+    a, b = a.detach().cpu(), b.detach().cpu()
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point():
+        return bool(
+            torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+        )
+    return bool(torch.equal(a, b))
