@@ -681,6 +681,8 @@ def test_10_debug_shows_the_traceback(world, tmp_path, monkeypatch, capsys):
     argv = ["train", *map(str, world["pairs"]), "--save_dir", str(tmp_path), "--image_size", "0"]
     with pytest.raises(InputError, match="--image_size must be"):
         main(["--debug", *argv])
+    with pytest.raises(InputError, match="--image_size must be"):
+        main([*argv, "--debug"])  # after the command too, where users type it
     monkeypatch.setenv("MEVAE_DEBUG", "1")
     with pytest.raises(InputError):
         main(argv)

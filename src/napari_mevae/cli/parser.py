@@ -231,6 +231,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bf16", action="store_true", help="same as --precision bf16")
 
 
+DEBUG = "show the Python traceback of an error instead of one line (or set MEVAE_DEBUG=1)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mevae",
@@ -242,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--debug",
         action="store_true",
-        help="show the Python traceback of an error instead of one line (or set MEVAE_DEBUG=1)",
+        help=DEBUG,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -351,4 +354,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=_int_in(8, 512), default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbose", type=int, default=1)
+    for command in sub.choices.values():  # `mevae train ... --debug` works too
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG)
     return parser
