@@ -241,6 +241,11 @@ def test_latent_walk_is_every_dimensions_traversal_decoded_in_batches():
     assert walk.shape == (8, 5, 1, 32, 32)
     for d in (0, 3, 7):
         np.testing.assert_allclose(walk[d], latent_traversal(model, d, steps=5), atol=1e-6)
+    some = latent_walk(model, steps=5, batch_size=7, dims=[6, 2])  # the dimensions in use
+    assert some.shape == (2, 5, 1, 32, 32)
+    np.testing.assert_allclose(some, walk[[6, 2]], atol=1e-6)
+    with pytest.raises(ValueError, match="0..7"):
+        latent_walk(model, dims=[8])
 
 
 def test_umap_of_many_cells_fits_a_subsample_and_places_the_rest():

@@ -195,22 +195,26 @@ def latent_walk(
     steps: int = 10,
     quantiles: tuple[float, float] = (0.05, 0.95),
     batch_size: int = 256,
+    dims: Any = None,
 ) -> np.ndarray:
-    """All dimensions' traversals ``(L, steps, C, S, S)`` (each as :func:`latent_traversal`
-    from 0): the reference's latent_walk image, decoded in batches."""
+    """Traversals ``(D, steps, C, S, S)`` of the dimensions ``dims`` (default all; each as
+    :func:`latent_traversal` from 0): the reference's latent_walk image, decoded in batches."""
     import torch
     from scipy.stats import norm
 
     latent = model.config.latent_dim
+    dims = np.arange(latent) if dims is None else np.asarray(dims, dtype=int).reshape(-1)
+    if len(dims) == 0 or dims.min() < 0 or dims.max() >= latent:
+        raise ValueError(f"latent dimensions must be 0..{latent - 1}, got {dims.tolist()}")
     values = norm.ppf(np.linspace(quantiles[0], quantiles[1], steps)).astype(np.float32)
-    z = np.zeros((latent, steps, latent), np.float32)
-    z[np.arange(latent), :, np.arange(latent)] = values
-    z = torch.from_numpy(z.reshape(latent * steps, latent))
+    z = np.zeros((len(dims), steps, latent), np.float32)
+    z[np.arange(len(dims)), :, dims] = values
+    z = torch.from_numpy(z.reshape(len(dims) * steps, latent))
     dev = next(model.parameters()).device
     parts = [
         model.decode(z[i : i + batch_size].to(dev)).cpu() for i in range(0, len(z), batch_size)
     ]
-    return torch.cat(parts).numpy().reshape(latent, steps, *parts[0].shape[1:])
+    return torch.cat(parts).numpy().reshape(len(dims), steps, *parts[0].shape[1:])
 
 
 def run_umap(

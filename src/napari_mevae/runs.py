@@ -281,7 +281,10 @@ def write_run_outputs(
         with out.writing(save_dir / "recon_images_final1.tif") as tmp:
             save_grid(tmp, reconstruct(model, first), n, ncols)
         with out.writing(save_dir / "latent_walk_final.png") as tmp:
-            save_latent_walk(tmp, latent_walk(model, latent_samp))
+            # the dimensions in use (an unused one walks a column of identical cells, and
+            # encodings.csv holds 0 there); all of them while none is in use
+            in_use = np.flatnonzero(model.active_mask.cpu().numpy())
+            save_latent_walk(tmp, latent_walk(model, latent_samp, dims=in_use))
         for k, enc in enumerate(model.encoders):
             out.write_bytes(models / f"encoder{k + 1}.pt", torch_bytes(enc.state_dict()))
         out.write_bytes(models / "decoder.pt", torch_bytes(model.decoder.state_dict()))
