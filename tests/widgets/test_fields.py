@@ -34,7 +34,8 @@ def test_two_fields_one_analysis(viewer_widget, qtbot, tmp_path, notes):
     image1, labels1 = viewer.layers[IMAGE], viewer.layers[LABELS]
     image2, labels2 = viewer.layers["field 2"], viewer.layers["field 2 labels"]
     assert cells.pair_list.pairs() == [(image1, labels1), (image2, labels2)]
-    assert "same name" in cells.pair_list.item(1).text()
+    assert cells.pair_list.item(1).text() == "field 2 labels \u2190 field 2"
+    assert "same name" in cells.pair_list.item(1).toolTip()
     assert not cells.labels_combo.isEnabled()
 
     assert cells.extract() is not None
@@ -46,6 +47,7 @@ def test_two_fields_one_analysis(viewer_widget, qtbot, tmp_path, notes):
     assert len(s.cells.table) == len(ids1) + len(ids2)
     assert "2 fields" in cells.summary.text() and "field 2 labels: " in cells.summary.text()
     assert [f.labels for f in s.fields] == [labels1, labels2]
+    assert labels1.visible and image1.visible and not (labels2.visible or image2.visible)
 
     widget.model_panel.epochs.setValue(1)
     assert widget.model_panel.train() is not None, widget.status.text()

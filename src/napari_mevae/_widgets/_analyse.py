@@ -344,7 +344,8 @@ class AnalysePanel(Panel):
         for i, field in enumerate(s.fields):
             self._field_results(field, s.cells.field_table(table, i), s.cells.field_cells(i))
         if embedding is not None:
-            self.scatter.set_points(embedding, clusters, f"{len(clusters)} cells")
+            of = f" of {len(s.fields)} fields" if len(s.fields) > 1 else ""
+            self.scatter.set_points(embedding, clusters, f"{len(clusters)} cells{of}")
         counts = ", ".join(
             f"{int(c)}: {int(n)}"
             for c, n in zip(*np.unique(clusters, return_counts=True), strict=True)
@@ -357,7 +358,7 @@ class AnalysePanel(Panel):
             else f"the features of the {len(s.fields)} labels layers (in view: "
             f"{s.labels_layer.name!r}; a point of another field shows that field)"
         )
-        self.show_field(s.current)
+        s.show_field(s.current)
         self.status.setText(
             f"{self.method.currentText()} clusters (cluster: cells) {counts}. Results are in "
             f"{where}; click a point to find its cell."
@@ -397,19 +398,6 @@ class AnalysePanel(Panel):
             colors=[np.zeros(4), *(cluster_color(c) for c in range(1, 11))], background_value=0
         )
 
-    def show_field(self, index: int) -> None:
-        """Bring field ``index`` into view: its image, labels and clusters layers shown, the
-        other fields' hidden (fields usually lie on top of each other)."""
-        s = self.session
-        s.current = index
-        if len(s.fields) < 2:
-            return
-        mine = {id(ly) for ly in s.fields[index].layers}
-        for f in s.fields:
-            for ly in f.layers:
-                if ly in self.viewer.layers:
-                    ly.visible = id(ly) in mine
-
     def select_cell(self, row: int, zoom: bool = True) -> None:
         """Show the cell of features row ``row``: its point ringed in the scatter, its outline
         drawn on top of every layer, and (with ``zoom``) the view centred and zoomed on it."""
@@ -419,7 +407,7 @@ class AnalysePanel(Panel):
         rec = s.table.iloc[row]
         field = s.cells.field_of(row) if hasattr(s.cells, "field_of") else 0
         if field != s.current or not all(ly.visible for ly in s.fields[field].layers):
-            self.show_field(field)
+            s.show_field(field)
         labels = s.labels_layer
         label = int(rec["label"])
         s.selected_row = row

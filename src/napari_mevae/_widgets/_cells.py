@@ -64,7 +64,7 @@ class CellsPanel(Panel):
             "axis of the image that holds channels; auto: the axis the labels do not have "
             "(RGB: the last)"
         )
-        self.fields_chk = QCheckBox("several fields (every checked labels layer + its image)")
+        self.fields_chk = QCheckBox("several fields at once")
         self.fields_chk.setToolTip(PAIRING_RULE)
         self.pair_list = PairList(self.viewer, lambda: self.channel_combo.currentText())
         self.pair_note = QLabel(PAIRING_RULE)
@@ -285,13 +285,16 @@ class CellsPanel(Panel):
         s.fields = [
             Field(image, labels, st) for (image, labels), st in zip(pairs, settings, strict=True)
         ]
-        s.current = 0
+        s.show_field(0)  # several fields: the first in view, the others hidden
         s.clear_results()
         c, size = cells.crops.shape[1], cells.crops.shape[-1]
         per = ""
         if len(pairs) > 1:
             n = cells.kept["field"].value_counts().reindex(range(len(pairs)), fill_value=0)
-            per = " [" + ", ".join(f"{lab.name}: {n[i]}" for i, (_, lab) in enumerate(pairs)) + "]"
+            per = " Cells per field: " + ", ".join(
+                f"{lab.name}: {n[i]}" for i, (_, lab) in enumerate(pairs)
+            )
+            per += f". In view: {pairs[0][1].name!r} (the others are hidden)."
         self.summary.setText(
             f"{kept} cells cropped from {where} ({size}x{size} px, {c} channel(s)); "
             f"{skipped} skipped{reasons}.{per}"

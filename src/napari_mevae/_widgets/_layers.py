@@ -123,6 +123,8 @@ class PairList(QListWidget):
         self.labels.currentIndexChanged.connect(self.refresh)
         self.images.currentIndexChanged.connect(self.refresh)
         self.itemChanged.connect(self._on_item)
+        self.setTextElideMode(Qt.TextElideMode.ElideMiddle)  # long names never widen the dock
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.setToolTip("the fields to crop: each labels layer with its image")
         self.refresh()
 
@@ -152,10 +154,12 @@ class PairList(QListWidget):
         self.clear()
         for lab, (lname, iname, why) in zip(labels, found, strict=True):
             if iname is None:
-                item = QListWidgetItem(f"{lname}  (no image: {why})")
+                item = QListWidgetItem(f"{lname}: no image")
+                item.setToolTip(f"{lname}: no image found ({why})")
                 item.setFlags(Qt.ItemFlag.NoItemFlags)
             else:
-                item = QListWidgetItem(f"{lname}  \u2190  {iname}  ({why})")
+                item = QListWidgetItem(f"{lname} \u2190 {iname}")
+                item.setToolTip(f"labels {lname!r}, image {iname!r} ({why})")
                 item.setFlags(Qt.ItemFlag.ItemIsEnabled | Qt.ItemFlag.ItemIsUserCheckable)
                 on = lname not in self._unchecked
                 item.setCheckState(Qt.CheckState.Checked if on else Qt.CheckState.Unchecked)

@@ -80,6 +80,17 @@ class Session(QObject):
             return None
         return self.fields[min(self.current, len(self.fields) - 1)]
 
+    def show_field(self, index: int) -> None:
+        """Make field ``index`` the one in view: with several fields (which usually lie on top
+        of each other) its image, labels and clusters layers are shown, the others hidden."""
+        self.current = index
+        if len(self.fields) < 2:
+            return
+        mine = {id(ly) for ly in self.fields[index].layers}
+        for f in self.fields:
+            for ly in f.layers:
+                ly.visible = id(ly) in mine
+
     @property
     def image_layer(self) -> Image | None:
         """The image of the field in view."""
