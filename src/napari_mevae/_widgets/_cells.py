@@ -291,9 +291,12 @@ class CellsPanel(Panel):
         per = ""
         if len(pairs) > 1:
             n = cells.kept["field"].value_counts().reindex(range(len(pairs)), fill_value=0)
-            per = " Cells per field: " + ", ".join(
-                f"{lab.name}: {n[i]}" for i, (_, lab) in enumerate(pairs)
-            )
+            if len(pairs) <= 6:
+                per = " Cells per field: " + ", ".join(
+                    f"{lab.name}: {n[i]}" for i, (_, lab) in enumerate(pairs)
+                )
+            else:
+                per = f" Cells per field: {n.min()} to {n.max()} (median {int(n.median())})"
             per += f". In view: {pairs[0][1].name!r} (the others are hidden)."
         self.summary.setText(
             f"{kept} cells cropped from {where} ({size}x{size} px, {c} channel(s)); "

@@ -129,9 +129,8 @@ class PairList(QListWidget):
         self.refresh()
 
     def _fits(self, image: Image, labels: Labels) -> bool:
-        shape = layer_array(image).shape if image.multiscale else image.data.shape
         try:
-            infer_layout(shape, labels.data.shape, image.rgb, self.channel_axis())
+            infer_layout(_shape(image), _shape(labels), image.rgb, self.channel_axis())
         except ValueError:
             return False
         return True
@@ -144,8 +143,8 @@ class PairList(QListWidget):
         except RuntimeError:
             return
         found = pair_layers(
-            [(ly.name, ly.data.shape) for ly in images],
-            [(ly.name, ly.data.shape) for ly in labels],
+            [(ly.name, _shape(ly)) for ly in images],
+            [(ly.name, _shape(ly)) for ly in labels],
             fits=lambda i, j: self._fits(images[i], labels[j]),
         )
         by_name = {ly.name: ly for ly in images}
@@ -167,7 +166,7 @@ class PairList(QListWidget):
             item.setData(Qt.ItemDataRole.UserRole, lname)
             self.addItem(item)
         self.blockSignals(False)
-        self.setMaximumHeight(max(1, self.count()) * 22 + 8)
+        self.setMaximumHeight(min(max(1, self.count()), 8) * 22 + 8)  # then it scrolls
 
     def _on_item(self, item: QListWidgetItem) -> None:
         name = item.data(Qt.ItemDataRole.UserRole)
@@ -184,6 +183,14 @@ class PairList(QListWidget):
     def pairs(self) -> list[tuple[Image, Labels]]:
         """The checked (image, labels) pairs, in the layer list's order."""
         return [p for name, p in self._pairs.items() if name not in self._unchecked]
+
+
+def _shape(layer: Layer) -> tuple[int, ...]:
+    """The full-resolution shape of a layer's data, without reading it."""
+    data = layer.data
+    if getattr(layer, "multiscale", False):
+        data = data[0]
+    return tuple(data.shape)
 
 
 def layer_array(layer: Layer) -> np.ndarray:
