@@ -118,6 +118,13 @@ def test_two_fields_one_analysis(viewer_widget, qtbot, tmp_path, notes):
         got = df[df["source_labels"] == "field 2 labels"].set_index("label")
         assert np.allclose(got.loc[labels2.features["index"], "z1"], labels2.features["z1"])
         assert {"centroid_y", "centroid_x", "plane", "cluster", "UMAP0"} <= set(df.columns)
+    # the cluster label images: one TIFF per field
+    import tifffile
+
+    folder = e.export_clusters_tiff(tmp_path / "tiffs")
+    for f in s.fields:
+        got = tifffile.imread(folder / f"{f.labels.name} clusters.tif")
+        assert np.array_equal(got, f.clusters.data) and got.shape == f.labels.data.shape
     assert not notes["error"], notes["error"]
 
 

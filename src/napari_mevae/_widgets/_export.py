@@ -49,7 +49,7 @@ class ExportPanel(Panel):
         self.tiff_btn = button(
             "Save cluster labels TIFF...",
             self.export_clusters_tiff,
-            "the cluster label image of the field in view",
+            "the cluster label image (several fields: one TIFF per field, in a folder)",
         )
         self.status = QLabel("Encode and cluster the cells first (Analyse tab).")
         self.status.setWordWrap(True)
@@ -147,8 +147,11 @@ class ExportPanel(Panel):
         return written
 
     def export_clusters_tiff(self, path: str | Path | None = None) -> Path | None:
-        """The cluster label image (each cell painted with its cluster id) as TIFF."""
+        """The cluster label image (each cell painted with its cluster id) as TIFF; with several
+        fields, one TIFF per field in the folder ``path`` (see :meth:`export_clusters_tiffs`)."""
         s = self.session
+        if len(s.fields) > 1:
+            return self.export_clusters_tiffs(path)
         layer = s.clusters_layer
         if layer is None or layer not in self.viewer.layers:
             self.error("No cluster label image: cluster the cells first (Analyse tab).")
@@ -168,4 +171,35 @@ class ExportPanel(Panel):
             return None
         self.status.setText(f"Cluster labels written to {out}")
         self.info(f"Cluster labels written to {out}")
+        return out
+
+    def export_clusters_tiffs(self, folder: str | Path | None = None) -> Path | None:
+        """Every field's cluster label image as ``<clusters layer name>.tif`` in ``folder``
+        (asked for when not given); returns the folder."""
+        s = self.session
+        layers = [f.clusters for f in s.fields]
+        if any(ly is None or ly not in self.viewer.layers for ly in layers):
+            self.error("No cluster label images: cluster the cells first (Analyse tab).")
+            return None
+        if folder is None:
+            start = str(self.default_path("tiff").parent)
+            folder = QFileDialog.getExistingDirectory(self, "Folder for the cluster TIFFs", start)
+            if not folder:
+                return None
+        out = Path(folder)
+        import tifffile
+
+        from ..outputs import atomic_write
+
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            for layer in layers:
+                with atomic_write(out / f"{_file_name(layer.name)}.tif", "wb") as fh:
+                    data = np.asarray(layer.data, dtype=np.int32)
+                    tifffile.imwrite(fh, data, compression="zlib")
+        except OSError as err:
+            self.error(f"Cannot write the cluster TIFFs to {out}: {err}")
+            return None
+        self.status.setText(f"{len(layers)} cluster label images written to {out}")
+        self.info(f"{len(layers)} cluster label images written to {out}")
         return out
