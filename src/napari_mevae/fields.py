@@ -53,13 +53,21 @@ class FieldCrops(CellCrops):
     def n_fields(self) -> int:
         return len(self.names)
 
+    @property
+    def kept_fields(self) -> np.ndarray:
+        """The field of each crop (features row), in crop order."""
+        fields = np.full(len(self.crops), -1, np.int64)
+        ci = self.table["crop_index"].to_numpy()
+        fields[ci[ci >= 0]] = self.table["field"].to_numpy()[ci >= 0]
+        return fields
+
     def field_of(self, row: int) -> int:
         """The field of crop (features row) ``row``."""
-        return int(self.kept["field"].iloc[row])
+        return int(self.table["field"].to_numpy()[self.table["crop_index"].to_numpy() == row][0])
 
     def rows_of(self, index: int) -> np.ndarray:
         """The crop (features) rows of field ``index``, in order."""
-        return np.flatnonzero(self.kept["field"].to_numpy() == index)
+        return np.flatnonzero(self.kept_fields == index)
 
     def field_cells(self, index: int) -> pd.DataFrame:
         """The cell table of one field as :func:`~napari_mevae.cells.extract_cells` made it

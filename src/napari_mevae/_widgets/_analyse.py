@@ -469,7 +469,7 @@ class AnalysePanel(Panel):
             for i, f in enumerate(s.fields)
             if f.labels in layers and (f.labels.visible or (f.clusters and f.clusters.visible))
         ]
-        fields = s.cells.kept["field"].to_numpy() if "field" in s.cells.kept else None
+        fields = getattr(s.cells, "kept_fields", None)
         for _, i in sorted(shown, reverse=True):
             labels = s.fields[i].labels
             label = labels.get_value(position, world=True)

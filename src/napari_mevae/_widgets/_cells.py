@@ -28,6 +28,7 @@ from ._layers import (
     infer_layout,
     label_columns,
     layer_array,
+    layer_shape,
     show_image,
     to_tiles,
 )
@@ -151,10 +152,9 @@ class CellsPanel(Panel):
             self.pair_list.refresh()
 
     def _layout(self, image: Image, labels: Labels) -> tuple[int | None, bool] | None:
-        img_shape = layer_array(image).shape if image.multiscale else image.data.shape
         try:
             return infer_layout(
-                img_shape, labels.data.shape, image.rgb, self.channel_combo.currentText()
+                layer_shape(image), layer_shape(labels), image.rgb, self.channel_combo.currentText()
             )
         except ValueError as err:
             self.error(f"Cannot crop cells of {labels.name!r}: {err}")
@@ -205,10 +205,8 @@ class CellsPanel(Panel):
         checked = self._inputs()
         if checked is None:
             return None
-        return self._extract([(image, labels) for image, labels, _, _ in checked], checked)
-
-    def _extract(self, pairs: list[tuple[Image, Labels]], checked: list) -> Any:
-        settings = []
+        pairs = [(image, labels) for image, labels, _, _ in checked]
+        settings = []  # one per field: the channel axis can differ
         for _, _, axis, stack in checked:
             s = self.settings()
             s.channel_axis, s.stack = axis, stack

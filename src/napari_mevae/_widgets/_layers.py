@@ -18,6 +18,7 @@ __all__ = [
     "infer_layout",
     "label_columns",
     "layer_array",
+    "layer_shape",
     "place_beside",
     "show_image",
     "show_labels",
@@ -130,7 +131,7 @@ class PairList(QListWidget):
 
     def _fits(self, image: Image, labels: Labels) -> bool:
         try:
-            infer_layout(_shape(image), _shape(labels), image.rgb, self.channel_axis())
+            infer_layout(layer_shape(image), layer_shape(labels), image.rgb, self.channel_axis())
         except ValueError:
             return False
         return True
@@ -143,8 +144,8 @@ class PairList(QListWidget):
         except RuntimeError:
             return
         found = pair_layers(
-            [(ly.name, _shape(ly)) for ly in images],
-            [(ly.name, _shape(ly)) for ly in labels],
+            [(ly.name, layer_shape(ly)) for ly in images],
+            [(ly.name, layer_shape(ly)) for ly in labels],
             fits=lambda i, j: self._fits(images[i], labels[j]),
         )
         by_name = {ly.name: ly for ly in images}
@@ -185,7 +186,7 @@ class PairList(QListWidget):
         return [p for name, p in self._pairs.items() if name not in self._unchecked]
 
 
-def _shape(layer: Layer) -> tuple[int, ...]:
+def layer_shape(layer: Layer) -> tuple[int, ...]:
     """The full-resolution shape of a layer's data, without reading it."""
     data = layer.data
     if getattr(layer, "multiscale", False):
