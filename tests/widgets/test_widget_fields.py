@@ -18,7 +18,9 @@ from napari_mevae._widgets._analyse import SELECTION_LAYER
 def _second_field():
     from napari_mevae._sample_data import synthetic_cells
 
-    (img, _, _), (lab, _, _) = synthetic_cells(n_cells=18, shape=(256, 256), seed=3)
+    (img, _, _), (lab, _, _) = synthetic_cells(
+        n_cells=18, shape=(320, 320), seed=3
+    )  # wider than the sample
     return img, lab
 
 
@@ -72,7 +74,9 @@ def test_two_fields_one_analysis(viewer_widget, qtbot, tmp_path, notes):
         for lab, cl in zip(mine["label"][:5], mine["cluster"][:5], strict=True):
             assert set(np.unique(clusters.data[labels.data == lab])) == {cl}
     assert f"{n} cells" in a.scatter._title and len(a.scatter.xy) == n  # every cell plotted
-    assert "2 fields reconstructions" in viewer.layers
+    # the montage of every cell lies beside the widest field, covering none
+    recon = viewer.layers["2 fields reconstructions"]
+    assert recon.extent.world[0][-1] > image2.extent.world[1][-1] > image1.extent.world[1][-1]
 
     # a point of field 2 brings field 2 into view and outlines its cell
     sc = a.scatter

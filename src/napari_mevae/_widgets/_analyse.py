@@ -280,7 +280,7 @@ class AnalysePanel(Panel):
             self.viewer,
             f"{name} reconstructions",
             to_tiles(result.recon, ncols=ncols),
-            anchor=s.image_layer,
+            anchor=s.anchor,
             metadata={"layout": f"cells in features-row order (field by field), {ncols} per row"},
         )
         self.status.setText(f"{len(s.latents)} cells encoded ({s.latents.shape[1]} features).")
@@ -510,7 +510,7 @@ class AnalysePanel(Panel):
             self.viewer,
             TRAVERSAL_LAYER,
             to_tiles(walk, ncols=len(walk)),
-            anchor=s.image_layer,
+            anchor=s.anchor,
             metadata={"dimension": d, "quantiles": "0.05..0.95"},
         )
         self.status.setText(f"Latent traversal of z{d}: left to right from low to high values.")

@@ -339,7 +339,7 @@ class CellsPanel(Panel):
             self.viewer,
             PAIRS_LAYER,
             to_tiles(images, ncols=k + 1),
-            anchor=self.session.image_layer,
+            anchor=self.session.anchor,
             metadata={"columns": columns},
         )
         label_columns(self.viewer, layer, columns, images.shape[-1])

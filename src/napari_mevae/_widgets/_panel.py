@@ -92,6 +92,15 @@ class Session(QObject):
                 ly.visible = id(ly) in mine
 
     @property
+    def anchor(self) -> Image | None:
+        """The image result montages go beside: the field image reaching furthest right (the
+        fields lie on top of each other), so a montage never covers any field."""
+        images = [f.image for f in self.fields if f.image is not None]
+        if len(images) < 2:
+            return self.image_layer
+        return max(images, key=lambda ly: float(np.asarray(ly.extent.world)[1, -1]))
+
+    @property
     def image_layer(self) -> Image | None:
         """The image of the field in view."""
         f = self._field()
