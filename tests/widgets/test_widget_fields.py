@@ -102,12 +102,21 @@ def test_two_fields_one_analysis(viewer_widget, qtbot, tmp_path, notes):
         next(click)
     assert sc.selected == other and s.selected_row == other
 
+    # the field box follows, and picks the field in view
+    assert a.field_combo.currentIndex() == 1 and a.field_combo.isVisibleTo(a)
+    a.field_combo.activated.emit(0)
+    assert labels1.visible and image1.visible and not (labels2.visible or image2.visible)
+    assert not viewer.layers[SELECTION_LAYER].visible  # it outlines a cell of field 2
+    a.field_combo.activated.emit(1)
+    assert labels2.visible and not labels1.visible and viewer.layers[SELECTION_LAYER].visible
+
     # and a point of field 1 brings field 1 back
     first = int(np.flatnonzero(kept["field"].to_numpy() == 0)[0])
     sc._on_click(
         SimpleNamespace(inaxes=sc.ax, xdata=float(sc.xy[first, 0]), ydata=float(sc.xy[first, 1]))
     )
     assert labels1.visible and not labels2.visible and s.labels_layer is labels1
+    assert a.field_combo.currentIndex() == 0
 
     # the whole table: every labelled cell of both fields with its source layers
     e = widget.export_panel

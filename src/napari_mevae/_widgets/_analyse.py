@@ -60,6 +60,10 @@ class AnalysePanel(Panel):
         self.progress = QProgressBar()
         self.progress.setValue(0)
         self.scatter = ScatterPlot(on_pick=self.select_cell)
+        self.field_combo = QComboBox()  # several fields: which one is in view
+        self.field_combo.setToolTip("the field in view (the others' layers are hidden)")
+        self.field_combo.activated.connect(lambda i: self.session.show_field(int(i)))
+        self.field_label = QLabel("Field in view")
         self.dim = QSpinBox()
         self.dim.setRange(0, 15)
         self.steps = QSpinBox()
@@ -83,6 +87,10 @@ class AnalysePanel(Panel):
         lay.addLayout(row)
         lay.addWidget(self.progress)
         lay.addWidget(self.scatter)
+        row = QHBoxLayout()
+        row.addWidget(self.field_label)
+        row.addWidget(self.field_combo, 1)
+        lay.addLayout(row)
         trav = QGroupBox("Latent traversal")
         tl = QFormLayout(trav)
         tl.addRow("Dimension", self.dim)
@@ -94,6 +102,10 @@ class AnalysePanel(Panel):
         lay.addStretch(1)
         self.session.model_changed.connect(self._model_changed)
         self.session.cells_changed.connect(self._reset_plot)
+        self.session.cells_changed.connect(self._list_fields)
+        self.session.field_changed.connect(self._list_fields)
+        self.session.field_changed.connect(self._outline_follows)
+        self._list_fields()
         self.viewer.mouse_drag_callbacks.append(self._on_viewer_click)
         self.session.state_changed.connect(self.update_buttons)
         # UMAP loads while the user waits for training
@@ -148,6 +160,25 @@ class AnalysePanel(Panel):
         if self.session.model is not None:
             self.dim.setRange(0, self.session.model.config.latent_dim - 1)
         self._reset_plot()
+
+    def _list_fields(self) -> None:
+        """The field box lists the fields (shown with two or more) at the one in view."""
+        s = self.session
+        names = [f.labels.name if f.labels is not None else "?" for f in s.fields]
+        if [self.field_combo.itemText(i) for i in range(self.field_combo.count())] != names:
+            self.field_combo.clear()
+            self.field_combo.addItems(names)
+        if names:
+            self.field_combo.setCurrentIndex(min(s.current, len(names) - 1))
+        self.field_combo.setVisible(len(names) > 1)
+        self.field_label.setVisible(len(names) > 1)
+
+    def _outline_follows(self) -> None:
+        """The outline of a cell of another field is hidden while that field is not in view."""
+        layers, labels = self.viewer.layers, self.session.labels_layer
+        if SELECTION_LAYER in layers and labels is not None:
+            outline = layers[SELECTION_LAYER]
+            outline.visible = outline.metadata.get("source_labels") == labels.name
 
     def _reset_plot(self) -> None:
         self.scatter.set_points(np.zeros((0, 2)), np.zeros(0))
@@ -432,6 +463,7 @@ class AnalysePanel(Panel):
             metadata={"source_labels": labels.name, "label": label},
         )
         outline.contour = 2
+        outline.visible = True
         outline.colormap = DirectLabelColormap(
             color_dict={None: np.zeros(4), 0: np.zeros(4), 1: np.array([1.0, 1.0, 1.0, 1.0])}
         )

@@ -42,6 +42,7 @@ class Session(QObject):
     results_changed = Signal()
     training_changed = Signal()
     state_changed = Signal()  # after any of the above: buttons follow it
+    field_changed = Signal()  # another field came into view (show_field)
 
     def __init__(self) -> None:
         super().__init__()
@@ -83,7 +84,10 @@ class Session(QObject):
     def show_field(self, index: int) -> None:
         """Make field ``index`` the one in view: with several fields (which usually lie on top
         of each other) its image, labels and clusters layers are shown, the others hidden."""
+        changed = index != self.current
         self.current = index
+        if changed:
+            self.field_changed.emit()
         if len(self.fields) < 2:
             return
         mine = {id(ly) for ly in self.fields[index].layers}
