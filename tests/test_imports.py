@@ -26,6 +26,7 @@ CORE = [
     "outputs",
     "demo",
     "modelzoo",
+    "fields",
 ]
 GUI = ("napari", "qtpy", "PyQt6", "PyQt5", "PySide6", "magicgui", "vispy")
 

