@@ -3,6 +3,8 @@ background process with a live loss curve, stop, save / load checkpoints."""
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -184,8 +186,11 @@ class ModelPanel(Panel):
         lay.addLayout(row2)
         lay.addWidget(self.status)
         lay.addStretch(1)
-        # runs without an autosave folder write their checkpoints here (removed with the dock)
-        self._scratch = tempfile.TemporaryDirectory(prefix="mevae-napari-")
+        # runs without an autosave folder write their checkpoints here, removed when Python
+        # exits (after the training process has ended; an implicit TemporaryDirectory cleanup
+        # would warn through a deleted thread worker's hook and print a traceback at exit)
+        self._scratch = tempfile.mkdtemp(prefix="mevae-napari-")
+        atexit.register(shutil.rmtree, self._scratch, True)
         # the current run (None between runs) and what the GUI needs to follow it
         self.run: ChildRun | None = None
         self.last_options: TrainOptions | None = None
@@ -321,7 +326,7 @@ class ModelPanel(Panel):
             except (InputError, ValueError) as err:
                 self.error(f"Cannot train: {err}")
                 return None
-        self._run_dir = self.autosave.text().strip() or tempfile.mkdtemp(dir=self._scratch.name)
+        self._run_dir = self.autosave.text().strip() or tempfile.mkdtemp(dir=self._scratch)
         threads = workflow.background_threads()
         options = TrainOptions(
             epochs=self.epochs.value() or default_epochs(n),
