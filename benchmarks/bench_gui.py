@@ -68,13 +68,18 @@ def run(epochs: int) -> dict:
     viewer = napari.Viewer(show=True)
     for data, kwargs, kind in synthetic_cells():
         getattr(viewer, f"add_{kind}")(data, **kwargs)
-    widget = MEVAEWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="ME-VAE")
     app = QApplication.instance()
     ticks = Ticks()
+    start = time.perf_counter()  # the dock opens (and loads torch in the background), Extract
+    widget = MEVAEWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="ME-VAE")
     widget.cells_panel.extract()
     wait(app, lambda: not widget.busy)
-    out: dict = {"cells": len(widget.session.crops), "epochs": epochs}
+    end = start + 3.0  # the user's first seconds with the dock
+    wait(app, lambda: time.perf_counter() > end)
+    ticks.windows["dock opening"] = (start, end)
+    opening_s = time.perf_counter() - start
+    out: dict = {"cells": len(widget.session.crops), "epochs": epochs, "dock opening s": opening_s}
 
     m, a = widget.model_panel, widget.analyse_panel
 
@@ -101,7 +106,14 @@ def run(epochs: int) -> dict:
     wait(app, lambda: time.perf_counter() > t_end)  # ticks after the last phase
     out["gaps"] = {
         p: ticks.gaps_ms(p)
-        for p in ("training", "encoding", "UMAP (first)", "UMAP (again)", "UMAP (fresh process)")
+        for p in (
+            "dock opening",
+            "training",
+            "encoding",
+            "UMAP (first)",
+            "UMAP (again)",
+            "UMAP (fresh process)",
+        )
     }
     widget.end_background()
     viewer.close()
@@ -114,6 +126,7 @@ def table(res: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     secs = {
+        "dock opening": res["dock opening s"],
         "training": res["training_s"],
         "encoding": res["encoding_s"],
         "UMAP (first)": res["UMAP (first) s"],

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import napari
+from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QEvent, Qt
 from qtpy.QtWidgets import QFrame, QLabel, QScrollArea, QTabWidget, QVBoxLayout, QWidget
@@ -25,6 +26,10 @@ from ._model import ModelPanel
 from ._panel import Panel, Session
 
 __all__ = ["MEVAEWidget"]
+
+
+def _import_torch() -> None:
+    import torch  # noqa: F401
 
 
 def _scrolling(panel: QWidget) -> QScrollArea:
@@ -62,6 +67,10 @@ class MEVAEWidget(QWidget):
         lay.addWidget(self.status)
         self.setMinimumWidth(340)
         self._watched = 0  # id of the top-level window whose closing ends our processes
+        # This process needs torch (the training reports, the trained model), and importing it
+        # holds the GIL for up to ~0.25 s at a time while its C extensions load: do it now,
+        # while the analyst picks layers, not later while the viewer shows the training.
+        create_worker(_import_torch, _start_thread=True)
 
     @property
     def panels(self) -> tuple[Panel, ...]:
