@@ -95,7 +95,7 @@ def scaled_cluster(
 
     if method not in CLUSTER_METHODS:
         raise InputError(f"--method must be one of {', '.join(CLUSTER_METHODS)}, got {method!r}")
-    x = _active(np.asarray(z, np.float64))
+    x = _active(np.asarray(z, np.float32))
     if len(x) <= fit_max:
         return cluster(x, method, n_clusters, seed=seed)
     fit, rest = _sample(len(x), fit_max, seed)
@@ -221,6 +221,7 @@ def screen_features(
             if dist.rank == 0:
                 z = np.concatenate([np.load(parts / f"z{r}.npy") for r in range(dist.world)])
         times["encode"] = time.perf_counter() - t
+        times["encode_peak_mb"] = _peak_mb()
         if dist.rank == 0:
             _analyse_and_write(screen, z, out, umap, n_clusters, method, seed, fit_max, times)
         dist.barrier()
@@ -233,33 +234,45 @@ def screen_features(
     return times
 
 
+def _peak_mb() -> float:
+    """This process's peak resident memory so far (MB; 0 where unknown)."""
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except (ImportError, OSError):  # pragma: no cover
+        return 0.0
+
+
 def _analyse_and_write(screen, z, out, umap, n_clusters, method, seed, fit_max, times) -> None:
     import time
 
-    extra: dict[str, np.ndarray] = {}
+    extra: dict[str, Any] = {}
     table = screen.table
     rows = table["crop_index"].to_numpy()
     kept = rows >= 0
-    full = np.full((len(table), z.shape[1]), np.nan, np.float32)
-    full[kept] = z[rows[kept]]
-    for d in range(z.shape[1]):
-        extra[f"z{d}"] = full[:, d]
+
+    def spread(values: np.ndarray, dtype=np.float32) -> np.ndarray:
+        """Per-cell values of the kept cells -> one per table row, NaN for skipped cells."""
+        col = np.full(len(table), np.nan, dtype)
+        col[kept] = values[rows[kept]]
+        return col
+
     if umap and len(z):
         t = time.perf_counter()
         emb = scaled_umap(z, seed=seed, fit_max=fit_max)
         times["umap"] = time.perf_counter() - t
-        for d in range(2):
-            col = np.full(len(table), np.nan, np.float32)
-            col[kept] = emb[rows[kept], d]
-            extra[f"UMAP{d}"] = col
+        times["umap_peak_mb"] = _peak_mb()
+        extra["UMAP0"], extra["UMAP1"] = spread(emb[:, 0]), spread(emb[:, 1])
     if n_clusters is not None and len(z):
         t = time.perf_counter()
         ids = scaled_cluster(z, method, n_clusters, seed=seed, fit_max=fit_max)
         times["cluster"] = time.perf_counter() - t
-        col = np.full(len(table), np.nan)
-        col[kept] = ids[rows[kept]]
-        extra["cluster"] = pd.array(col, dtype="Int64")  # missing for skipped cells
-    del full
+        times["cluster_peak_mb"] = _peak_mb()
+        extra["cluster"] = pd.array(spread(ids, float), dtype="Int64")  # missing when skipped
     t = time.perf_counter()
-    _write_table(table, extra, out)
+    features = {f"z{d}": spread(z[:, d]) for d in range(z.shape[1])}
+    del z
+    _write_table(table, {**features, **extra}, out)
     times["write"] = time.perf_counter() - t
+    times["write_peak_mb"] = _peak_mb()

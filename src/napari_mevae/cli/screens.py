@@ -90,6 +90,6 @@ def cmd_features(args: argparse.Namespace) -> int:
         for bar in bars.values():
             bar.close()
     if rank == 0:
-        spent = ", ".join(f"{k} {v:.1f} s" for k, v in times.items())
+        spent = ", ".join(f"{k} {v:.1f} s" for k, v in times.items() if not k.endswith("_mb"))
         _say(args, f"features -> {args.out} ({spent})")
     return 0
