@@ -26,6 +26,9 @@ CORE = [
     "outputs",
     "demo",
     "modelzoo",
+    "screens",
+    "screen_store",
+    "screen_features",
 ]
 GUI = ("napari", "qtpy", "PyQt6", "PyQt5", "PySide6", "magicgui", "vispy")
 
