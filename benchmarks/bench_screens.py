@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -254,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     log = (work / "train_log.txt").read_text() if (work / "train_log.txt").is_file() else ""
-    trained = [ln.strip() for ln in log.splitlines() if ln.startswith(("epoch 3/", "latent"))]
+    lines = [ln.strip() for ln in re.split(r"[\r\n]+", log)]
+    trained = [ln for ln in lines if re.match(r"epoch 3/3 +loss|latent dimensions", ln)]
     ok = all(
         r["total"] <= BUDGET_S and max(r["crop_peak_mb"], r["features_peak_mb"]) <= BUDGET_MB
         for r in rows
