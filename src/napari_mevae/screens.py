@@ -27,7 +27,6 @@ import glob
 import os
 import re
 import shutil
-import tempfile
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from .config import CropSettings, InputError
-from .screen_store import STORE_FILES, ScreenStore, StoreWriter, write_meta
+from .screen_store import STORE_FILES, StoreWriter, write_meta
 
 __all__ = [
     "Field",
@@ -534,12 +533,3 @@ class _Dist:
 
             dist.destroy_process_group()
             self._own = False
-
-
-def open_store(path: str | os.PathLike) -> ScreenStore:
-    """A STORE for reading (see :class:`~napari_mevae.screen_store.ScreenStore`)."""
-    return ScreenStore(path)
-
-
-def temp_dir_beside(path: Path) -> Path:
-    return Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
