@@ -110,11 +110,13 @@ def scaled_cluster(
             out[a : a + 262_144] = gmm.predict(x[a : a + 262_144]) + 1
         return out
     out[fit] = cluster(x[fit], method, n_clusters, seed=seed)
-    if method == "kmeans":
+    if method == "kmeans":  # the nearest centre, by ||x||^2 - 2 x.c + ||c||^2
         ids = np.unique(out[fit])
         centres = np.stack([x[fit][out[fit] == i].mean(0) for i in ids])
-        for a, _, ind in _neighbours(centres, x[rest], 1):
-            out[rest[a : a + len(ind)]] = ids[ind[:, 0]]
+        norms = (centres**2).sum(1)
+        for a in range(0, len(rest), 65_536):
+            chunk = rest[a : a + 65_536]
+            out[chunk] = ids[(norms - 2 * x[chunk] @ centres.T).argmin(1)]
     else:  # hdbscan: the cluster of the nearest fitted cell
         for a, _, ind in _neighbours(x[fit], x[rest], 1):
             out[rest[a : a + len(ind)]] = out[fit][ind[:, 0]]
@@ -137,19 +139,28 @@ def _encode_share(
     return z
 
 
-def _write_table(table: pd.DataFrame, extra: dict[str, np.ndarray], out: Path) -> Path:
-    """The cell table + the feature columns, written row group by row group (Parquet) or
+def _write_table(table: pd.DataFrame, z: np.ndarray, extra: dict[str, Any], out: Path) -> Path:
+    """The cell table, the latents ``z`` (row ``i`` = ``crop_index`` ``i``; NaN for skipped
+    cells) and the ``extra`` per-row columns, written row group by row group (Parquet) or
     block by block (CSV), complete or not at all."""
     from .outputs import OutputSet
 
     parquet = out.suffix.lower() == ".parquet"
+    names = [f"z{d}" for d in range(z.shape[1])]
+    rows = table["crop_index"].to_numpy()
     with OutputSet() as files, files.writing(out) as tmp:
         writer = None
         try:
             for a in range(0, max(len(table), 1), _ROWS_PER_GROUP):
-                part = table.iloc[a : a + _ROWS_PER_GROUP].reset_index(drop=True)
-                cols = {k: v[a : a + _ROWS_PER_GROUP] for k, v in extra.items()}
-                part = pd.concat([part, pd.DataFrame(cols)], axis=1)
+                b = a + _ROWS_PER_GROUP
+                part = table.iloc[a:b].reset_index(drop=True)
+                block = np.full((len(part), z.shape[1]), np.nan, np.float32)
+                here = rows[a:b]
+                block[here >= 0] = z[here[here >= 0]]  # rows gathered, not columns
+                cols = pd.DataFrame(block, columns=names)
+                for k, v in extra.items():
+                    cols[k] = v[a:b]
+                part = pd.concat([part, cols], axis=1)
                 if parquet:
                     import pyarrow as pa
                     import pyarrow.parquet as pq
@@ -271,8 +282,6 @@ def _analyse_and_write(screen, z, out, umap, n_clusters, method, seed, fit_max, 
         times["cluster_peak_mb"] = _peak_mb()
         extra["cluster"] = pd.array(spread(ids, float), dtype="Int64")  # missing when skipped
     t = time.perf_counter()
-    features = {f"z{d}": spread(z[:, d]) for d in range(z.shape[1])}
-    del z
-    _write_table(table, {**features, **extra}, out)
+    _write_table(table, z, extra, out)
     times["write"] = time.perf_counter() - t
     times["write_peak_mb"] = _peak_mb()
