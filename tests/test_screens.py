@@ -4,6 +4,8 @@ array; features scale by subsampling."""
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -163,12 +165,14 @@ def test_store_writer_and_lazy_crops_across_chunks(tmp_path):
     for a in range(0, len(crops), 100):  # blocks not aligned with chunks
         w.append(crops[a : a + 100])
     assert w.close() == len(crops)
-    lazy = StoreCrops(tmp_path / "c.zarr", cache=2)
+    lazy = StoreCrops(tmp_path / "c.zarr", cache_mb=2 * CHUNK * 64 / 2**20)  # two chunks
+    assert lazy.cache == 2
     assert lazy.shape == crops.shape
     np.testing.assert_allclose(lazy[:], crops, atol=0.5 / 255 + 1e-6)
     for i in rng.integers(0, len(crops), 20):
         np.testing.assert_allclose(lazy[int(i)], crops[i], atol=0.5 / 255 + 1e-6)
-    part = StoreCrops(tmp_path / "c.zarr", start=250, stop=260)
+    part = pickle.loads(pickle.dumps(StoreCrops(tmp_path / "c.zarr", start=250, stop=260)))
+    assert len(part) == 10
     np.testing.assert_allclose(part[3:5], crops[253:255], atol=0.5 / 255 + 1e-6)
 
 

@@ -119,18 +119,26 @@ class StoreCrops:
     """The kept cells' crops as a lazy ``(N, C, S, S)`` float32 array: ``len``, ``shape``,
     ``crops[i]`` and ``crops[a:b]`` (what :class:`~napari_mevae.nuisances.NuisancePairs` and
     :func:`~napari_mevae.analysis.iter_encode_chunks` read).  ``start``/``stop`` give a view of a
-    range of cells (a worker's share).  Decoded chunks are cached (``cache`` of them), so
-    reading in order decodes each chunk once; it pickles by path (DataLoader workers)."""
+    range of cells (a worker's share).  Decoded chunks are cached, up to ``cache_mb`` MB (as
+    stored: float16 or uint8), so reading in order decodes each chunk once and a store that
+    fits is decoded once in all; a random cell outside the cache costs one chunk's decoding
+    (~2 ms for 256 cells of 64 x 64).  It pickles by path (DataLoader workers)."""
 
     def __init__(
-        self, path: str | os.PathLike, start: int = 0, stop: int | None = None, cache: int = 16
+        self,
+        path: str | os.PathLike,
+        start: int = 0,
+        stop: int | None = None,
+        cache_mb: float = 256,
     ) -> None:
         self.path = Path(path)
         self._open()
         n = self._array.shape[0]
         self.start = int(start)
         self.stop = n if stop is None else min(int(stop), n)
-        self.cache = cache
+        self.cache_mb = cache_mb
+        chunk_bytes = self.chunk * int(np.prod(self._array.shape[1:])) * self.dtype.itemsize
+        self.cache = max(1, int(cache_mb * 2**20 // max(chunk_bytes, 1)))
         self._chunks: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def _open(self) -> None:
@@ -200,7 +208,8 @@ class StoreCrops:
         return arr if dtype is None else arr.astype(dtype)
 
     def __getstate__(self) -> dict:
-        return {"path": self.path, "start": self.start, "stop": self.stop, "cache": self.cache}
+        keep = ("path", "start", "stop", "cache_mb", "cache")
+        return {k: self.__dict__[k] for k in keep}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
