@@ -157,3 +157,26 @@ def test_two_processes_give_the_same_store_and_table(screen, tmp_path):
     np.testing.assert_allclose(a[zcols].to_numpy(), b[zcols].to_numpy(), atol=1e-5)
     assert a["cluster"].equals(b["cluster"])
     assert a.drop(columns=[*zcols, "cluster"]).equals(b.drop(columns=[*zcols, "cluster"]))
+
+
+def test_crop_train_features_end_to_end(screen, tmp_path, capsys):
+    """`mevae train --targets STORE` learns from the store; its run folder is a checkpoint."""
+    run = tmp_path / "run"
+    code, lines = run_cli(
+        ["train", "--targets", screen / "store", "--image_size", SIZE, "--nchannel", 2,
+         "--latent_dim", 8, "--inter_dim", 32, "--batch_size", 8, "--epochs", 1, "--seed", 0,
+         "--save_dir", run, "--verbose", 0],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, lines
+    kept = int((ScreenStore(screen / "store").table["skipped"] == "").sum())
+    assert len(pd.read_csv(run / "encodings.csv")) == kept  # every stored crop, once
+    code, lines = run_cli(
+        ["features", "--checkpoint", run, "--cells", screen / "store", "--out",
+         tmp_path / "t.csv", "--verbose", 0],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, lines
+    table = pd.read_csv(tmp_path / "t.csv")
+    assert [c for c in table if c.startswith("z")] == [f"z{d}" for d in range(8)]
+    assert table["z0"].notna().sum() == kept
