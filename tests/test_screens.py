@@ -143,6 +143,24 @@ def test_ome_zarr_plate_gives_every_well_and_field(tmp_path):
     assert set(table["plate"]) == {"plate.zarr"} and set(table["field"]) == {"0", "1"}
 
 
+def test_ome_zarr_image_ngff_04_with_a_z_axis(tmp_path):
+    """One OME-Zarr image (NGFF 0.4, zarr v2, axes czyx with one z plane) is one field."""
+    import zarr
+    from ome_zarr.format import FormatV04
+    from ome_zarr.writer import write_image, write_labels
+
+    c = make_synthetic_cells(n_cells=6, shape=(96, 96), seed=1, cell_radius=7)
+    root = zarr.open_group(str(tmp_path / "img.zarr"), mode="w", zarr_format=2)
+    write_image(c.image[:, None], root, axes="czyx", scale_factors=[], fmt=FormatV04())
+    labels = c.labels[None].astype(np.uint16)
+    write_labels(labels, root, name="nuclei", axes="zyx", scale_factors=[], fmt=FormatV04())
+    found = find_fields(str(tmp_path / "img.zarr"))
+    assert [f.source for f in found] == [str(tmp_path / "img.zarr")]
+    crop_screen(found, tmp_path / "store", CropSettings(size=SIZE), workers=1)
+    table = ScreenStore(tmp_path / "store").table
+    check_rows(table, c.image, c.labels, dict(size=SIZE, channel_axis=0))
+
+
 def test_pairing_rule(tmp_path):
     a, b = tmp_path / "img", tmp_path / "lab"
     for d, names in ((a, ["x1.tif", "x2.tif"]), (b, ["x2.tif", "x1_mask.tif"])):
