@@ -441,7 +441,6 @@ def crop_screen(
     rank, world = dist.rank, dist.world
     if world > 1:
         workers = max(1, workers // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    store.mkdir(parents=True, exist_ok=True)
     stage = store / f".mevae-screen.{dist.run_id}"
     lock = DirLock(store, "mevae crop") if rank == 0 else None
     try:
