@@ -495,11 +495,14 @@ def _assemble(stage: Path, world: int, size: int, dtype: str) -> tuple[int, int]
             writer = StoreWriter(stage / "crops.zarr", channels, size, dtype)
         for a in range(0, len(crops), 8192):
             writer.append(raw[a : a + 8192])
-        tables.append(pd.read_parquet(part / "cells.parquet"))
+        part_table = pd.read_parquet(part / "cells.parquet")
+        if len(part_table):  # a rank with no fields (more ranks than fields) adds nothing
+            tables.append(part_table)
         shutil.rmtree(part)
     if writer is None:
         writer = StoreWriter(stage / "crops.zarr", 1, size, dtype)
-    pd.concat(tables, ignore_index=True).to_parquet(stage / "cells.parquet", index=False)
+    table = pd.concat(tables, ignore_index=True) if tables else _empty_table()
+    table.to_parquet(stage / "cells.parquet", index=False)
     return writer.close(), channels
 
 
