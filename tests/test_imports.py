@@ -27,6 +27,9 @@ CORE = [
     "demo",
     "modelzoo",
     "fields",
+    "screens",
+    "screen_store",
+    "screen_features",
 ]
 GUI = ("napari", "qtpy", "PyQt6", "PyQt5", "PySide6", "magicgui", "vispy")
 

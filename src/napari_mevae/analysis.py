@@ -289,7 +289,10 @@ def cluster(
         from sklearn.cluster import HDBSCAN
 
         min_size = kw.get("min_cluster_size", max(2, n // max(4 * n_clusters, 1)))
-        ids = HDBSCAN(min_cluster_size=min(max(2, min_size), max(2, n))).fit_predict(latents)
+        # copy=True: the input is left alone (and scikit-learn 1.9 stops warning that its
+        # default changes in 1.10)
+        hdb = HDBSCAN(min_cluster_size=min(max(2, min_size), max(2, n)), copy=True)
+        ids = hdb.fit_predict(latents)
     return (np.asarray(ids) + 1).astype(np.int32)
 
 

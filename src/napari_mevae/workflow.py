@@ -174,14 +174,25 @@ def preview_pairs(
 def open_targets(
     source: str | Path, image_size: int, channels: int, lazy: bool = False
 ) -> tuple[Any, list[str], list[str]]:
-    """Canonical crops from a folder of images or a ``.npy`` crops file (read lazily).
+    """Canonical crops from a folder of images, a ``.npy`` crops file or a cell store written
+    by ``mevae crop`` (both read lazily).
 
     Returns the crops (an array, or a lazy store with the same indexing), the file names for
     encodings.csv and the image stems."""
     from .folders import FolderTargets, LazyFolderTargets
+    from .screen_store import ScreenStore, is_store
     from .store import CropStore
 
     path = Path(source)
+    if is_store(path):
+        screen = ScreenStore(path)
+        if screen.crop_shape != (channels, image_size, image_size):
+            raise InputError(
+                f"{path} holds crops of shape {screen.crop_shape} (C, S, S); the model wants "
+                f"({channels}, {image_size}, {image_size}): set --nchannel/--image_size"
+            )
+        names = [f"{path.name}[{i}]" for i in range(len(screen))]
+        return screen.crops, names, names
     if path.suffix == ".npy":
         store = CropStore(path)
         if store.shape[1:] != (channels, image_size, image_size):
@@ -216,8 +227,8 @@ def load_train_data(
     ----------
     model : ``"mevae"``, ``"vae"`` or ``"betavae"``.
     image_size, channels : what every image is read as (resized when it differs).
-    targets : a folder of canonical crops or a ``.npy`` crops file: the encoder inputs are made
-        from it with ``nuisances`` drawn fresh every epoch.
+    targets : a folder of canonical crops, a ``.npy`` crops file or a cell store (``mevae
+        crop``): the encoder inputs are made from it with ``nuisances`` drawn fresh every epoch.
     input_dirs, target_dir : instead of ``targets``, the reference's pair folders (one input
         folder per encoder, the target folder); a baseline reads the first input folder only.
     lazy : read images as needed instead of loading them all.

@@ -7,6 +7,8 @@ mevae pairs   --image IMG.tif --labels LABELS.tif --out DIR
 mevae evaluate --checkpoint Outputs/ --targets OutputImages/ --out report.json
 mevae export  --checkpoint Outputs/ --out model.zip --authors "..."   (BioImage Model Zoo)
 mevae demo    [--out mevae-demo]
+mevae crop    --image 'fields/*.tif' --labels 'fields/*_labels.tif' --out STORE   (whole screens)
+mevae features --checkpoint Outputs/ --cells STORE --out features.parquet --umap --clusters 8
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Sequence
 from .commands import cmd_demo, cmd_encode, cmd_evaluate, cmd_export, cmd_pairs
 from .common import _one_line, explain
 from .parser import build_parser
+from .screens import cmd_crop, cmd_features
 from .train import cmd_train
 
 __all__ = ["COMMANDS", "build_parser", "explain", "main"]
@@ -35,6 +38,8 @@ COMMANDS = {
     "evaluate": cmd_evaluate,
     "export": cmd_export,
     "demo": cmd_demo,
+    "crop": cmd_crop,
+    "features": cmd_features,
 }
 
 

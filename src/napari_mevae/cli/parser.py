@@ -347,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--verbose", type=int, default=1)
 
+    _add_screen_commands(sub)
+
     p = sub.add_parser("demo", help="the whole job on built-in synthetic cells, in about a minute")
     p.add_argument("--out", default="mevae-demo", help="output folder (default mevae-demo)")
     p.add_argument("--epochs", type=_int_in(0), default=60)
@@ -357,3 +359,83 @@ def build_parser() -> argparse.ArgumentParser:
     for command in sub.choices.values():  # `mevae train ... --debug` works too
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG)
     return parser
+
+
+SCREEN_HELP = (
+    "PATTERN is a file, a quoted glob or a folder (its *.tif, *.tiff). Images and labels pair by "
+    "name: labels a_labels.tif (or _label, _masks, _mask, _seg, _segmentation, _cp_masks) or "
+    "a.tif in another folder pair with image a.tif; files matched by --labels are never "
+    "images; unmatched files are an error. --image plate.zarr reads an OME-Zarr image or HCS "
+    "plate (every well and field) with its label image labels/<--label-name>."
+)
+
+
+def _add_screen_commands(sub) -> None:
+    p = sub.add_parser(
+        "crop",
+        help="crop every cell of many fields (TIFFs, OME-Zarr, HCS plate) into one cell store",
+        description=SCREEN_HELP,
+    )
+    p.add_argument(
+        "--image", metavar="PATTERN", help="intensity images, or an OME-Zarr image/plate"
+    )
+    p.add_argument("--labels", metavar="PATTERN", help="label images (TIFF)")
+    p.add_argument(
+        "--manifest",
+        metavar="CSV",
+        help="instead of --image/--labels: a CSV with columns image,labels (relative to the CSV) "
+        "and any others (plate, well, condition...), carried into the cell table",
+    )
+    p.add_argument(
+        "--label-name", help="OME-Zarr: the label image under labels/ (default: the first)"
+    )
+    p.add_argument("--out", required=True, metavar="STORE", help="the cell store (a new folder)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier `mevae crop` STORE there"
+    )
+    p.add_argument("--size", type=_int_in(4, MAX_CROP_SIZE), default=64, help="crop size (64)")
+    p.add_argument("--channel-axis", type=int, default=None, help="axis of channels in TIFFs")
+    p.add_argument(
+        "--scale", choices=("fixed", "fit"), default="fixed", help="pixel scale or fit the cell"
+    )
+    p.add_argument(
+        "--normalize",
+        choices=("percentile", "max", "none"),
+        default="percentile",
+        help="percentile: per field and channel (default); max: per cell",
+    )
+    p.add_argument("--min-area", type=_int_in(0), default=0)
+    p.add_argument("--max-area", type=_int_in(1), default=None)
+    p.add_argument(
+        "--border", choices=("drop", "pad"), default="drop", help="cells touching the border"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float16", "uint8"),
+        default="float16",
+        help="how crops are stored (uint8: 0..255, half the size)",
+    )
+    p.add_argument(
+        "--workers",
+        type=_int_in(1),
+        default=None,
+        help="processes cropping fields (default: one per core; under torchrun, the cores of "
+        "the node divided among its processes)",
+    )
+    p.add_argument("--verbose", type=int, default=1, help="0 = quiet, 1 = progress bars")
+
+    p = sub.add_parser(
+        "features",
+        help="encode every cell of a cell store, UMAP, clusters -> a .parquet or .csv table",
+    )
+    p.add_argument(
+        "--checkpoint", required=True, help="checkpoint file, training save_dir or package (.zip)"
+    )
+    p.add_argument("--cells", required=True, metavar="STORE", help="a store from `mevae crop`")
+    p.add_argument("--out", required=True, metavar="TABLE", help="the table: .parquet or .csv")
+    p.add_argument("--umap", action="store_true", help="add UMAP0, UMAP1")
+    p.add_argument("--clusters", type=_int_in(1), default=None, metavar="K", help="add cluster")
+    p.add_argument("--method", choices=("kmeans", "gmm", "hdbscan"), default="kmeans")
+    p.add_argument("--batch_size", type=_int_in(1), default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verbose", type=int, default=1, help="0 = quiet, 1 = progress bars")
