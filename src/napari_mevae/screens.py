@@ -43,7 +43,9 @@ __all__ = [
     "Field",
     "LABEL_SUFFIXES",
     "crop_screen",
+    "fields_in",
     "find_fields",
+    "load_fields",
     "pair_files",
     "read_field",
 ]
@@ -223,6 +225,45 @@ def find_fields(
         raise InputError("--labels is needed with TIFF images (an OME-Zarr --image has its own)")
     pairs = pair_files(_expand(image, "--image"), _expand(labels, "--labels"))
     return [Field(str(i), str(i), str(lab)) for i, lab in pairs]
+
+
+def fields_in(path: str | os.PathLike, label_name: str | None = None) -> list[Field]:
+    """The fields of one folder or OME-Zarr (what napari's "Open folder or plate" takes): an
+    OME-Zarr image or plate, or a folder whose label images carry a labels suffix
+    (``a1.tif`` + ``a1_labels.tif``), or a folder with ``images/`` and ``labels/`` inside."""
+    p = Path(path)
+    if _is_zarr(str(p)):
+        return _ome_fields(p, label_name)
+    if not p.is_dir():
+        raise InputError(f"{p} is not a folder or an OME-Zarr")
+    if (p / "images").is_dir() and (p / "labels").is_dir():
+        images, labels = _expand(str(p / "images"), "images"), _expand(str(p / "labels"), "labels")
+    else:
+        files = _expand(str(p), "folder")
+        labels = [f for f in files if _SUFFIX_RE.search(f.stem)]
+        images = [f for f in files if not _SUFFIX_RE.search(f.stem)]
+    return [Field(str(i), str(i), str(lab)) for i, lab in pair_files(images, labels)]
+
+
+def load_fields(
+    fields: Sequence[Field], limit: int = 48
+) -> Any:  # Generator[tuple[int, int], None, list[tuple[np.ndarray, np.ndarray, str]]]
+    """Read ``fields`` into ``(image, labels, name)`` arrays for a viewer, yielding ``(done,
+    total)``; more than ``limit`` fields is refused: a screen is ``mevae crop``'s job."""
+    if len(fields) > limit:
+        raise InputError(
+            f"{len(fields)} fields: napari opens up to {limit} at once; crop a whole screen "
+            "with `mevae crop` (README: Screens and plates)"
+        )
+    out = []
+    for k, f in enumerate(fields):
+        image, labels, kw = read_field(f, None)
+        if f.kind == "ome" and image.shape[kw["channel_axis"]] == 1:  # one channel: none
+            image = image.take(0, axis=kw["channel_axis"])
+        name = "/".join(Path(f.source).parts[-3:]) if f.kind == "ome" else Path(f.image).stem
+        out.append((image, labels, name))
+        yield k + 1, len(fields)
+    return out
 
 
 # -- reading one field ---------------------------------------------------------------------------

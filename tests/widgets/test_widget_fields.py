@@ -151,3 +151,69 @@ def test_open_fields_adds_and_checks_exactly_those(viewer_widget):
     assert cells.fields_chk.isChecked()
     pairs = [(i.name, lab.name) for i, lab in cells.pair_list.pairs()]
     assert pairs == [("A01 site 1", "A01 site 1 labels"), ("A01 site 2", "A01 site 2 labels")]
+
+
+def test_open_folder_and_plate_add_their_fields(viewer_widget, qtbot, tmp_path, notes):
+    """Open folder or plate: a folder of TIFF fields (a.tif + a_labels.tif) and an OME-Zarr
+    HCS plate become checked layer pairs with their pixels; a folder with unpaired files and a
+    screen larger than the viewer takes are refused in one line."""
+    import tifffile
+    import zarr
+    from ome_zarr.writer import write_image, write_labels, write_plate_metadata, write_well_metadata
+
+    from napari_mevae._widgets._cells import OPEN_LIMIT
+    from napari_mevae.synthetic import make_synthetic_cells
+
+    viewer, widget = viewer_widget
+    cells = widget.cells_panel
+    folder = tmp_path / "fields"
+    folder.mkdir()
+    truth = {}
+    for name in ("w1", "w2"):
+        c = make_synthetic_cells(n_cells=6, shape=(96, 96), seed=len(truth), cell_radius=7)
+        tifffile.imwrite(folder / f"{name}.tif", c.image)
+        tifffile.imwrite(folder / f"{name}_labels.tif", c.labels.astype(np.uint16))
+        truth[name] = c
+    assert cells.open_folder(str(folder)) is not None
+    wait_idle(qtbot, widget)
+    assert not notes["error"], notes["error"]
+    pairs = [(i.name, lab.name) for i, lab in cells.pair_list.pairs()]
+    assert pairs == [("w1", "w1 labels"), ("w2", "w2 labels")]
+    np.testing.assert_array_equal(viewer.layers["w2 labels"].data, truth["w2"].labels)
+    assert "Opened 2 field(s)" in cells.summary.text()
+
+    plate = tmp_path / "plate.zarr"
+    root = zarr.open_group(str(plate), mode="w")
+    write_plate_metadata(root, ["A"], ["1"], ["A/1"])
+    well = root.require_group("A").require_group("1")
+    write_well_metadata(well, ["0", "1"])
+    for f in range(2):
+        c = make_synthetic_cells(n_cells=5, shape=(80, 80), seed=20 + f, cell_radius=7)
+        g = well.require_group(str(f))
+        write_image(c.image, g, axes="cyx", scale_factors=[])
+        write_labels(c.labels.astype(np.uint16), g, name="nuclei", axes="yx", scale_factors=[])
+        truth[f"A/1/{f}"] = c
+    assert cells.open_folder(str(plate)) is not None
+    wait_idle(qtbot, widget)
+    assert not notes["error"], notes["error"]
+    names = [lab.name for _, lab in cells.pair_list.pairs()]
+    assert names[-2:] == ["A/1/0 labels", "A/1/1 labels"]
+    np.testing.assert_array_equal(viewer.layers["A/1/1 labels"].data, truth["A/1/1"].labels)
+    np.testing.assert_array_equal(viewer.layers["A/1/1"].data, truth["A/1/1"].image)
+    assert cells.extract() is not None  # the opened plate's fields, checked, crop as one
+    wait_idle(qtbot, widget)
+    assert not notes["error"], notes["error"]
+    assert [f.labels.name for f in widget.session.fields] == ["A/1/0 labels", "A/1/1 labels"]
+
+    n_layers = len(viewer.layers)
+    tifffile.imwrite(folder / "w3.tif", truth["w1"].image)  # an image without labels
+    assert cells.open_folder(str(folder)) is None
+    assert "unmatched files" in notes["error"][-1] and "w3.tif" in notes["error"][-1]
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(OPEN_LIMIT + 1):
+        (many / f"f{i}.tif").write_bytes(b"")
+        (many / f"f{i}_labels.tif").write_bytes(b"")
+    assert cells.open_folder(str(many)) is None
+    assert "mevae crop" in notes["error"][-1]
+    assert len(viewer.layers) == n_layers  # nothing added

@@ -12,6 +12,7 @@ from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
+    QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QLabel,
@@ -38,6 +39,7 @@ __all__ = ["PAIRS_LAYER", "CellsPanel"]
 
 CROP_SIZES = ("32", "48", "64", "96", "128")
 PAIRS_LAYER = "ME-VAE pairs preview"
+OPEN_LIMIT = 48  # fields one viewer opens as layers; a screen goes through `mevae crop`
 PAIRING_RULE = (
     "Each labels layer is paired with the image of the same name without its ending "
     "(\u201cfield 1 labels\u201d, \u201cfield 1_mask\u201d \u2192 \u201cfield 1\u201d), "
@@ -67,6 +69,12 @@ class CellsPanel(Panel):
         )
         self.fields_chk = QCheckBox("several fields at once")
         self.fields_chk.setToolTip(PAIRING_RULE)
+        self.open_btn = button(
+            "Open folder or plate...",
+            self.open_folder,
+            "add the fields of a folder (a1.tif + a1_labels.tif, or images/ + labels/) or of an "
+            f"OME-Zarr image or plate as layers, up to {OPEN_LIMIT} (a whole screen: mevae crop)",
+        )
         self.pair_list = PairList(self.viewer, lambda: self.channel_combo.currentText())
         self.pair_note = QLabel(PAIRING_RULE)
         self.pair_note.setWordWrap(True)
@@ -99,7 +107,10 @@ class CellsPanel(Panel):
         form = QFormLayout()
         form.addRow("Image", self.image_combo)
         form.addRow("Labels", self.labels_combo)
-        form.addRow(self.fields_chk)
+        fields_row = QHBoxLayout()
+        fields_row.addWidget(self.fields_chk)
+        fields_row.addWidget(self.open_btn)
+        form.addRow(fields_row)
         form.addRow(self.pair_list)
         form.addRow(self.pair_note)
         form.addRow("Crop size", self.size_combo)
@@ -129,6 +140,7 @@ class CellsPanel(Panel):
     def update_buttons(self) -> None:
         s = self.session
         self.extract_btn.setEnabled(not self.busy and not s.training)
+        self.open_btn.setEnabled(not self.busy)
         self.preview_btn.setEnabled(not self.busy and s.cells is not None)
 
     def settings(self) -> CropSettings:
@@ -234,6 +246,58 @@ class CellsPanel(Panel):
         self.summary.setText(f"Cropping cells of {what}...")
         worker.start()
         return worker
+
+    def open_folder(self, path: str | None = None) -> Any:
+        """Read the fields of a folder or an OME-Zarr image/plate (in a worker) and add them
+        as checked layer pairs; the analyst then checks the crop settings and extracts."""
+        from .. import screens
+        from ..config import InputError
+
+        if self.busy:
+            self.info("Wait for the current step to finish.")
+            return None
+        if path is None:
+            path = QFileDialog.getExistingDirectory(
+                self, "Open a folder of fields or an OME-Zarr image/plate"
+            )
+            if not path:
+                return None
+        try:
+            found = screens.fields_in(path)
+            if len(found) > OPEN_LIMIT:
+                raise InputError(
+                    f"{len(found)} fields: napari opens up to {OPEN_LIMIT} at once; crop a "
+                    "whole screen with `mevae crop` (README: Screens and plates)"
+                )
+        except InputError as err:
+            self.error(f"Cannot open {path}: {err}")
+            return None
+        worker = create_worker(
+            screens.load_fields,
+            found,
+            OPEN_LIMIT,
+            _progress={"total": len(found), "desc": "ME-VAE: reading fields"},
+            _start_thread=False,
+            _connect={"errored": lambda err: self._open_failed(path, err)},
+        )
+        worker.yielded.connect(lambda done: self._on_progress(*done))
+        worker.returned.connect(lambda data: self._on_opened(data, path))
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        self.begin()
+        self.summary.setText(f"Reading {len(found)} field(s) from {path}...")
+        worker.start()
+        return worker
+
+    def _open_failed(self, path: str, err: Exception) -> None:
+        self.error(f"Cannot open {path}: {err}")
+        self.summary.setText("Nothing was opened.")
+
+    def _on_opened(self, data: list[tuple[Any, Any, str]], path: str) -> None:
+        self.open_fields(data, extract=False)
+        self.summary.setText(
+            f"Opened {len(data)} field(s) from {path}: check the crop settings, then Extract cells."
+        )
 
     def open_fields(self, data: list[tuple[Any, Any, str]], extract: bool = True) -> Any:
         """Add fields given as ``(image array, labels array, name)`` (e.g. the wells and sites
