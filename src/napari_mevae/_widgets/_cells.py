@@ -70,7 +70,7 @@ class CellsPanel(Panel):
         self.fields_chk = QCheckBox("several fields at once")
         self.fields_chk.setToolTip(PAIRING_RULE)
         self.open_btn = button(
-            "Open folder or plate...",
+            "Open fields...",
             self.open_folder,
             "add the fields of a folder (a1.tif + a1_labels.tif, or images/ + labels/) or of an "
             f"OME-Zarr image or plate as layers, up to {OPEN_LIMIT} (a whole screen: mevae crop)",
