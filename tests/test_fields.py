@@ -3,6 +3,8 @@ back per field, the whole table with provenance (CSV and Parquet), and the layer
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -61,7 +63,11 @@ def test_two_fields_are_cropped_together_and_split_back(two_fields):
 
 def test_whole_table_written_as_csv_and_parquet(two_fields, tmp_path):
     a, b, settings = two_fields
+    areas = [np.bincount(f.labels.ravel())[1:] for f in (a, b)]
+    areas = np.concatenate([x[x > 0] for x in areas])
+    settings = dataclasses.replace(settings, min_area=int(np.median(areas)))
     cells = fields.crop_fields([(a.image, a.labels, "A"), (b.image, b.labels, "B")], settings)
+    assert 0 < len(cells.skipped) < len(cells.table)  # some cells skipped (area below min)
     n = len(cells.crops)
     table = features_table(cells.kept, np.ones((n, 2), np.float32), None, np.ones(n, int))
     whole = fields.whole_table(cells, table, [{"labels": "A"}, {"labels": "B"}])
@@ -103,3 +109,32 @@ def test_pairing_rule():
         ("lost", None),
     ]
     assert got[2][2] == "only image of its shape" and "2 images" in got[3][2]
+
+
+def test_cluster_results_paint_each_field_and_list_every_labelled_cell(two_fields):
+    a, b, settings = two_fields
+    areas = [np.bincount(f.labels.ravel())[1:] for f in (a, b)]
+    areas = np.concatenate([x[x > 0] for x in areas])
+    settings = dataclasses.replace(settings, min_area=int(np.median(areas)))
+    cells = fields.crop_fields([(a.image, a.labels, "A"), (b.image, b.labels, "B")], settings)
+    assert 0 < len(cells.skipped) < len(cells.table)  # some cells skipped (area below min)
+    n = len(cells.crops)
+    latents = np.random.default_rng(0).normal(size=(n, 3)).astype(np.float32)
+    clusters = np.arange(n) % 3 + 1
+    table, per_field = fields.cluster_results(
+        cells, latents, None, clusters, [a.labels, b.labels], [False, False]
+    )
+    assert len(table) == n and len(per_field) == 2
+    for i, labels in enumerate([a.labels, b.labels]):
+        rows, every, painted = per_field[i]
+        assert rows["label"].tolist() == cells.field_table(table, i)["label"].tolist()
+        ids = np.unique(labels)[1:]
+        assert every["index"].tolist() == ids.tolist()  # every labelled cell, skipped ones too
+        skipped = set(ids) - set(rows["label"])
+        assert all(every.set_index("index").loc[list(skipped), "cluster"] == 0)
+        assert painted.shape == labels.shape
+        for label, c in zip(rows["label"], rows["cluster"], strict=True):
+            assert set(np.unique(painted[labels == label])) == {int(c)}
+        assert not painted[labels == 0].any()
+        for label in skipped:
+            assert not painted[labels == label].any()

@@ -236,3 +236,27 @@ def write_table(df: pd.DataFrame, path: str | os.PathLike) -> Path:
         with atomic_write(path, newline="") as fh:
             df.to_csv(fh, index=False)
     return path
+
+
+def cluster_results(
+    cells: FieldCrops,
+    latents: np.ndarray,
+    embedding: np.ndarray | None,
+    clusters: np.ndarray,
+    label_images: Sequence[np.ndarray],
+    stacks: Sequence[bool],
+) -> tuple[pd.DataFrame, list[tuple[pd.DataFrame, pd.DataFrame, np.ndarray]]]:
+    """What a clustering gives each field, computed off the viewer's thread: the features
+    table of the kept cells, and per field ``(its rows, a row for every labelled cell (skipped
+    ones: cluster 0), its label image painted by cluster)``."""
+    from .analysis import every_cell_table, features_table, paint_clusters
+
+    table = features_table(cells.kept, latents, embedding, clusters)
+    per_field = []
+    for i, (labels, stack) in enumerate(zip(label_images, stacks, strict=True)):
+        rows = cells.field_table(table, i)
+        every = every_cell_table(rows, cells.field_cells(i), reasons=False, skipped_cluster=0)
+        planes = np.asarray(rows["plane"]) if stack else None
+        ids = np.asarray(rows["cluster"], dtype=np.int64)
+        per_field.append((rows, every, paint_clusters(labels, rows["label"], ids, planes)))
+    return table, per_field

