@@ -14,7 +14,7 @@ from ..config import (
     InputError,
 )
 from .common import _device, _input_dirs, _nuisances, _progress, _say
-from .train import _settings
+from .train import _crop_settings
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
@@ -50,7 +50,6 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def cmd_pairs(args: argparse.Namespace) -> int:
-    from ..config import CropSettings
     from ..folders import read_raw_image
     from ..outputs import LOCK_NAME, DirLock, check_output_dir
     from ..runs import write_pairs
@@ -58,17 +57,7 @@ def cmd_pairs(args: argparse.Namespace) -> int:
 
     out = check_output_dir(Path(args.out), "--out")
     names = _nuisances(args.nuisances)
-    settings = _settings(
-        lambda: CropSettings(
-            size=args.size,
-            channel_axis=args.channel_axis,
-            scale=args.scale,
-            normalize=args.normalize,
-            min_area=args.min_area,
-            max_area=args.max_area,
-            border=args.border,
-        ).check()
-    )
+    settings = _crop_settings(args)
 
     def refuse_non_empty() -> None:
         held = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME) if out.is_dir() else []

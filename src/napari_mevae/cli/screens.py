@@ -7,25 +7,14 @@ import argparse
 from pathlib import Path
 
 from .common import _dist_rank_world, _progress, _say
-from .train import _settings
+from .train import _crop_settings
 
 
 def cmd_crop(args: argparse.Namespace) -> int:
-    from ..config import CropSettings
     from ..screens import check_store_target, crop_screen, find_fields
 
     store = Path(args.out)
-    settings = _settings(
-        lambda: CropSettings(
-            size=args.size,
-            channel_axis=args.channel_axis,
-            scale=args.scale,
-            normalize=args.normalize,
-            min_area=args.min_area,
-            max_area=args.max_area,
-            border=args.border,
-        ).check()
-    )
+    settings = _crop_settings(args)
     check_store_target(store, args.overwrite)  # before any image is read
     fields = find_fields(args.image, args.labels, args.manifest, args.label_name)
     rank, world = _dist_rank_world()

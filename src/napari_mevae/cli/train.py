@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..config import (
     MODEL_KINDS,
+    CropSettings,
     InputError,
     TrainingDiverged,
 )
@@ -191,6 +192,21 @@ FLAGS = {
     "kl_warmup": "--kl_warmup",
     "threads": "--threads",
 }
+
+
+def _crop_settings(args: argparse.Namespace) -> CropSettings:
+    """The crop flags shared by `mevae pairs` and `mevae crop`, checked, as CropSettings."""
+    return _settings(
+        lambda: CropSettings(
+            size=args.size,
+            channel_axis=args.channel_axis,
+            scale=args.scale,
+            normalize=args.normalize,
+            min_area=args.min_area,
+            max_area=args.max_area,
+            border=args.border,
+        ).check()
+    )
 
 
 def _settings(check):
