@@ -204,6 +204,16 @@ def test_open_folder_and_plate_add_their_fields(viewer_widget, qtbot, tmp_path, 
     wait_idle(qtbot, widget)
     assert not notes["error"], notes["error"]
     assert [f.labels.name for f in widget.session.fields] == ["A/1/0 labels", "A/1/1 labels"]
+    assert not viewer.layers["A/1/1 labels"].visible  # one field in view at a time
+
+    # back to one pair: the fields the several-fields run hid are shown again
+    cells.fields_chk.setChecked(False)
+    cells.image_combo.set_layer("w1")
+    cells.labels_combo.set_layer("w1 labels")
+    assert cells.extract() is not None
+    wait_idle(qtbot, widget)
+    assert [f.labels.name for f in widget.session.fields] == ["w1 labels"]
+    assert viewer.layers["A/1/1 labels"].visible and viewer.layers["A/1/1"].visible
 
     n_layers = len(viewer.layers)
     tifffile.imwrite(folder / "w3.tif", truth["w1"].image)  # an image without labels

@@ -343,6 +343,11 @@ class CellsPanel(Panel):
             self.summary.setText("No cells cropped; the previous cells are kept.")
             return
         s = self.session
+        if len(s.fields) > 1:  # the fields an earlier several-fields run hid come back
+            for f in s.fields:
+                for layer in (f.image, f.labels):
+                    if layer is not None and layer in self.viewer.layers:
+                        layer.visible = True
         s.cells, s.settings = cells, settings[0]
         s.fields = [
             Field(image, labels, st) for (image, labels), st in zip(pairs, settings, strict=True)
