@@ -132,6 +132,8 @@ def _encode_share(
     from .analysis import iter_encode_chunks
 
     z = np.empty((len(crops), model.config.latent_dim), np.float32)
+    if progress is not None:
+        progress(0, len(crops))  # the start: a rate (cells/s) counts from here
     for start, chunk in iter_encode_chunks(model, crops, batch_size=batch_size):
         z[start : start + len(chunk)] = chunk
         if progress is not None:
