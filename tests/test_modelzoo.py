@@ -223,6 +223,38 @@ def test_package_encodes_as_its_checkpoint_everywhere(package, run, lincs64, tmp
     assert np.max(np.abs(a - b)) < 1e-5
 
 
+def test_features_of_a_screen_from_a_package_match_the_run(package, run, tmp_path):
+    """mevae features --checkpoint model.zip: the same z columns as from the run folder."""
+    import tifffile
+
+    from napari_mevae.synthetic import make_synthetic_cells
+
+    c = make_synthetic_cells(n_cells=10, shape=(160, 160), channels=1, seed=4, cell_radius=7)
+    tifffile.imwrite(tmp_path / "f1.tif", np.squeeze(c.image))
+    tifffile.imwrite(tmp_path / "f1_labels.tif", c.labels.astype(np.uint16))
+    store = tmp_path / "cells"
+    crop = [
+        "crop",
+        "--image",
+        str(tmp_path / "f1.tif"),
+        "--labels",
+        str(tmp_path / "f1_labels.tif"),
+    ]
+    assert main([*crop, "--out", str(store), "--size", "32", "--verbose", "0"]) == 0
+    tables = []
+    for name, source in (("zip.parquet", package), ("run.parquet", run)):
+        out = tmp_path / name
+        argv = ["features", "--checkpoint", str(source), "--cells", str(store), "--out", str(out)]
+        assert main([*argv, "--verbose", "0"]) == 0
+        tables.append(pd.read_parquet(out))
+    a, b = tables
+    z = [c for c in a.columns if c.startswith("z")]
+    assert len(a) == len(b) >= 8 and z == [c for c in b.columns if c.startswith("z")]
+    za, zb = a[z].to_numpy(float), b[z].to_numpy(float)
+    assert np.nanmax(np.abs(zb)) > 0 and np.array_equal(np.isnan(za), np.isnan(zb))
+    assert np.nanmax(np.abs(za - zb)) < 1e-5
+
+
 class _Tripwire:
     """Unpickling it creates ``path``: proof that a pickle ran."""
 
