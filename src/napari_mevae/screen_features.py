@@ -123,24 +123,6 @@ def scaled_cluster(
     return out
 
 
-def _encode_share(
-    model: Any,
-    crops: Any,
-    batch_size: int,
-    progress: Callable[[int, int], None] | None,
-) -> np.ndarray:
-    from .analysis import iter_encode_chunks
-
-    z = np.empty((len(crops), model.config.latent_dim), np.float32)
-    if progress is not None:
-        progress(0, len(crops))  # the start: a rate (cells/s) counts from here
-    for start, chunk in iter_encode_chunks(model, crops, batch_size=batch_size):
-        z[start : start + len(chunk)] = chunk
-        if progress is not None:
-            progress(start + len(chunk), len(crops))
-    return z
-
-
 def _write_table(table: pd.DataFrame, z: np.ndarray, extra: dict[str, Any], out: Path) -> Path:
     """The cell table, the latents ``z`` (row ``i`` = ``crop_index`` ``i``; NaN for skipped
     cells) and the ``extra`` per-row columns, written row group by row group (Parquet) or
@@ -197,6 +179,7 @@ def screen_features(
     ``.csv``).  ``progress(stage, done, total)``.  Returns the timings per stage (rank 0)."""
     import time
 
+    from .analysis import encode
     from .checkpoints import load_checkpoint
     from .outputs import output_target
     from .screen_store import ScreenStore, StoreCrops
@@ -224,8 +207,12 @@ def screen_features(
         per = -(-n // (dist.world * batch_size)) * batch_size  # whole batches per rank
         a, b = min(n, dist.rank * per), min(n, (dist.rank + 1) * per)
         t = time.perf_counter()
-        say = None if progress is None else (lambda d, tot: progress("encode", d, tot))
-        z = _encode_share(model, StoreCrops(screen.path / "crops.zarr", a, b), batch_size, say)
+        share = StoreCrops(screen.path / "crops.zarr", a, b)
+        say = None
+        if progress is not None:
+            say = lambda d, tot: progress("encode", d, tot)  # noqa: E731
+            say(0, len(share))  # the start: a rate (cells/s) counts from here
+        z = encode(model, share, batch_size, progress=say)
         parts = out.parent / f".{out.name}.{dist.run_id}.parts"
         if dist.world > 1:
             parts.mkdir(parents=True, exist_ok=True)
