@@ -28,7 +28,7 @@ import os
 import re
 import shutil
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -246,15 +246,11 @@ def fields_in(path: str | os.PathLike, label_name: str | None = None) -> list[Fi
 
 
 def load_fields(
-    fields: Sequence[Field], limit: int = 48
-) -> Any:  # Generator[tuple[int, int], None, list[tuple[np.ndarray, np.ndarray, str]]]
+    fields: Sequence[Field],
+) -> Generator[tuple[int, int], None, list[tuple[np.ndarray, np.ndarray, str]]]:
     """Read ``fields`` into ``(image, labels, name)`` arrays for a viewer, yielding ``(done,
-    total)``; more than ``limit`` fields is refused: a screen is ``mevae crop``'s job."""
-    if len(fields) > limit:
-        raise InputError(
-            f"{len(fields)} fields: napari opens up to {limit} at once; crop a whole screen "
-            "with `mevae crop` (README: Screens and plates)"
-        )
+    total)``: a field's image without a singleton channel axis, named by its file or its
+    ``row/column/field`` in a plate."""
     out = []
     for k, f in enumerate(fields):
         image, labels, kw = read_field(f, None)

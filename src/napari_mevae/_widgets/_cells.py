@@ -275,7 +275,6 @@ class CellsPanel(Panel):
         worker = create_worker(
             screens.load_fields,
             found,
-            OPEN_LIMIT,
             _progress={"total": len(found), "desc": "ME-VAE: reading fields"},
             _start_thread=False,
             _connect={"errored": lambda err: self._open_failed(path, err)},
