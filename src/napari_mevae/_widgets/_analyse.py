@@ -338,8 +338,8 @@ class AnalysePanel(Panel):
         worker = create_worker(
             _cluster_then_tables,
             self.service,
+            s.latents,
             (
-                s.latents,
                 self.method.currentText(),
                 self.n_clusters.value(),
                 s.embedding,
@@ -554,16 +554,19 @@ def _camera(viewer: Any) -> Any:
 
 def _cluster_then_tables(
     service: Any,
-    args: tuple,
+    latents: np.ndarray,
+    options: tuple,
     cells: Any,
     label_images: list[np.ndarray],
     stacks: list[bool],
 ) -> Any:
-    """The thread worker's body: UMAP + clustering in the analysis process, then each field's
-    tables and painted clusters here, off the viewer's thread; the GUI only adds layers."""
-    embedding, clusters = yield from job_in(service, "napari_mevae.workflow:cluster_job", *args)
+    """The thread worker's body: UMAP + clustering in the analysis process (``options``: the
+    rest of :func:`~napari_mevae.workflow.cluster_job`'s arguments), then each field's tables
+    and painted clusters here, off the viewer's thread; the GUI only adds layers."""
+    job = "napari_mevae.workflow:cluster_job"
+    embedding, clusters = yield from job_in(service, job, latents, *options)
     table, per_field = fields.cluster_results(
-        cells, args[0], embedding, clusters, label_images, stacks
+        cells, latents, embedding, clusters, label_images, stacks
     )
     return embedding, clusters, table, per_field
 
