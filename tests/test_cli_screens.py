@@ -17,18 +17,8 @@ from napari_mevae.cli import main
 from napari_mevae.config import preset
 from napari_mevae.model import MEVAE
 from napari_mevae.screen_store import ScreenStore
+from test_bad_input import run_cli
 from test_screens import SIZE, make_tiff_fields, write_plate
-
-
-def run_cli(argv, capsys) -> tuple[int, list[str]]:
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    return code, [ln for ln in err.splitlines() if ln.strip()]
 
 
 def one_error(argv, capsys, says: str) -> None:
