@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import tifffile
-from widget_helpers import wait_idle
+from widget_helpers import train_and_encode, wait_idle
 
 from napari_mevae._widgets import _export
 
@@ -45,14 +45,7 @@ def test_csv_lists_skipped_cells_and_names_default_to_the_layers(
     assert e.export_csv() is None and "encode and cluster" in notes["error"][-1]
     notes["error"].clear()
 
-    widget.model_panel.epochs.setValue(1)
-    assert widget.model_panel.train() is not None, widget.status.text()
-    wait_idle(qtbot, widget, timeout=180_000)
-    a = widget.analyse_panel
-    a.umap_chk.setChecked(False)  # no UMAP needed here: faster
-    assert a.encode() is not None
-    wait_idle(qtbot, widget, timeout=240_000)
-    assert not notes["error"], notes["error"]
+    train_and_encode(qtbot, widget, notes, clusters=None, umap=False)  # no UMAP: faster
     assert f"and {len(skipped)} skipped" in e.status.text()
 
     # the save dialogs open at the image's folder with the layers' names

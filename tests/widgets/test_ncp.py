@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from napari_clusters_plotter import PlotterWidget
-from widget_helpers import IMAGE, LABELS, N_CELLS, wait_idle
+from widget_helpers import IMAGE, LABELS, N_CELLS, train_and_encode, wait_idle
 
 CUT = 20  # cropping the sample's field by this much makes a few cells touch the border
 MIN_AREA = 300  # and one cell is smaller than this
@@ -46,14 +46,7 @@ def test_ncp_plots_and_exports_mevae_clusters(viewer_widget, qtbot, notes):
     assert isinstance(plotter, PlotterWidget)
     assert plotter.layers == [labels]
 
-    widget.model_panel.epochs.setValue(1)
-    assert widget.model_panel.train() is not None, widget.status.text()
-    wait_idle(qtbot, widget, timeout=180_000)
-    a = widget.analyse_panel
-    a.n_clusters.setValue(3)
-    assert a.encode() is not None
-    wait_idle(qtbot, widget, timeout=240_000)
-    assert not notes["error"], notes["error"]
+    a = train_and_encode(qtbot, widget, notes)
 
     # the layer: one row per labelled cell in label order, numbers and categoricals only
     feats = labels.features

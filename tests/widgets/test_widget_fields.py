@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
-from widget_helpers import IMAGE, LABELS, wait_idle
+from widget_helpers import IMAGE, LABELS, train_and_encode, wait_idle
 
 from napari_mevae._widgets._analyse import SELECTION_LAYER
 
@@ -51,14 +51,7 @@ def test_two_fields_one_analysis(viewer_widget, qtbot, tmp_path, notes):
     assert [f.labels for f in s.fields] == [labels1, labels2]
     assert labels1.visible and image1.visible and not (labels2.visible or image2.visible)
 
-    widget.model_panel.epochs.setValue(1)
-    assert widget.model_panel.train() is not None, widget.status.text()
-    wait_idle(qtbot, widget, timeout=180_000)
-    a = widget.analyse_panel
-    a.n_clusters.setValue(3)
-    assert a.encode() is not None
-    wait_idle(qtbot, widget, timeout=240_000)
-    assert not notes["error"], notes["error"]
+    a = train_and_encode(qtbot, widget, notes)
 
     # each labels layer: its own rows (index = its label ids), its own clusters layer
     kept = s.cells.kept

@@ -14,3 +14,21 @@ def wait_idle(qtbot: Any, widget: Any, timeout: int = 120_000) -> None:
     qtbot.waitUntil(lambda: not widget.busy, timeout=timeout)
     qtbot.wait(50)
     qtbot.waitUntil(lambda: not widget.busy, timeout=timeout)
+
+
+def train_and_encode(
+    qtbot: Any, widget: Any, notes: dict, clusters: int | None = 3, umap: bool = True
+) -> Any:
+    """Train one epoch, then Encode (which clusters: ``clusters`` or the tab's default, with
+    or without UMAP), asserting each step starts and ends without an error; the Analyse tab."""
+    widget.model_panel.epochs.setValue(1)
+    assert widget.model_panel.train() is not None, widget.status.text()
+    wait_idle(qtbot, widget, timeout=180_000)
+    a = widget.analyse_panel
+    if clusters is not None:
+        a.n_clusters.setValue(clusters)
+    a.umap_chk.setChecked(umap)
+    assert a.encode() is not None
+    wait_idle(qtbot, widget, timeout=240_000)
+    assert not notes["error"], notes["error"]
+    return a
