@@ -17,7 +17,7 @@ from napari_mevae.config import CropSettings, InputError
 from napari_mevae.nuisances import NuisancePairs
 from napari_mevae.screen_features import place_rest, scaled_cluster, scaled_umap
 from napari_mevae.screen_store import CHUNK, ScreenStore, StoreCrops, StoreWriter
-from napari_mevae.screens import crop_screen, find_fields, pair_files
+from napari_mevae.screens import crop_screen, fields_in, find_fields, load_fields, pair_files
 from napari_mevae.synthetic import make_synthetic_cells
 from napari_mevae.workflow import load_train_data, open_targets
 
@@ -159,6 +159,19 @@ def test_ome_zarr_image_ngff_04_with_a_z_axis(tmp_path):
     crop_screen(found, tmp_path / "store", CropSettings(size=SIZE), workers=1)
     table = ScreenStore(tmp_path / "store").table
     check_rows(table, c.image, c.labels, dict(size=SIZE, channel_axis=0))
+    # the same image opened for a viewer: named after the image, its arrays as written
+    ((image, labels, name),) = _drained(load_fields(fields_in(tmp_path / "img.zarr")))
+    assert name == "img"
+    np.testing.assert_array_equal(labels, c.labels)
+    np.testing.assert_array_equal(image, c.image)
+
+
+def _drained(gen):
+    while True:
+        try:
+            next(gen)
+        except StopIteration as done:
+            return done.value
 
 
 def test_pairing_rule(tmp_path):

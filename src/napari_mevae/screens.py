@@ -256,7 +256,8 @@ def load_fields(
         image, labels, kw = read_field(f, None)
         if f.kind == "ome" and image.shape[kw["channel_axis"]] == 1:  # one channel: none
             image = image.take(0, axis=kw["channel_axis"])
-        name = "/".join(Path(f.source).parts[-3:]) if f.kind == "ome" else Path(f.image).stem
+        in_plate = f.kind == "ome" and "well" in f.extra  # row/column/field, else the file
+        name = "/".join(Path(f.source).parts[-3:]) if in_plate else Path(f.image).stem
         out.append((image, labels, name))
         yield k + 1, len(fields)
     return out
