@@ -5,6 +5,7 @@ array; features scale by subsampling."""
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -187,6 +188,24 @@ def test_pairing_rule(tmp_path):
     ]
     with pytest.raises(InputError, match=r"images without labels: x3.tif"):
         pair_files([*a.iterdir(), a / "x3.tif"], list(b.iterdir()))
+    # one folder for napari's Open fields: images/ + labels/ inside, or labels by suffix
+    a.rename(tmp_path / "images")
+    b.rename(tmp_path / "labels")
+    found = fields_in(tmp_path)
+    assert [(Path(f.image).name, Path(f.labels).name) for f in found] == [
+        ("x1.tif", "x1_mask.tif"),
+        ("x2.tif", "x2.tif"),
+    ]
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for n in ("b.tif", "b_labels.tif", "a.tif", "a_seg.tif"):
+        (flat / n).write_bytes(b"")
+    assert [(Path(f.image).name, Path(f.labels).name) for f in fields_in(flat)] == [
+        ("a.tif", "a_seg.tif"),
+        ("b.tif", "b_labels.tif"),
+    ]
+    with pytest.raises(InputError, match="not a folder or an OME-Zarr"):
+        fields_in(flat / "a.tif")
 
 
 def test_store_writer_and_lazy_crops_across_chunks(tmp_path):
