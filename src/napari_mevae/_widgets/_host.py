@@ -62,6 +62,9 @@ class MEVAEWidget(QWidget):
         self.status = QLabel("")
         self.status.setWordWrap(True)
         self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        # room for a usual message: a new text then repaints the line, not the whole dock
+        # (a relayout of the dock costs up to ~70 ms of the viewer's time under software GL)
+        self.status.setMinimumHeight(4 * self.status.fontMetrics().lineSpacing())
         lay = QVBoxLayout(self)
         lay.addWidget(self.tabs)
         lay.addWidget(self.status)
@@ -109,23 +112,28 @@ class MEVAEWidget(QWidget):
         self.analyse_panel.close_service()
         self.analyse_panel.unhook()
 
+    def _status_style(self, sheet: str) -> None:
+        # a style sheet set, even an unchanged one, re-polishes the label: only on a change
+        if self.status.styleSheet() != sheet:
+            self.status.setStyleSheet(sheet)
+
     def error(self, msg: str) -> None:
         """Tell the user what is wrong (status line + napari notification); change nothing."""
         self.status.setText(f"Error: {msg}")
-        self.status.setStyleSheet("color: #ff7f7f;")
+        self._status_style("color: #ff7f7f;")
         show_error(msg)
 
     def warn(self, msg: str) -> None:
         """Something the user should know before going on (nothing was refused)."""
         self.status.setText(f"Warning: {msg}")
-        self.status.setStyleSheet("color: #ffd27f;")
+        self._status_style("color: #ffd27f;")
         show_warning(msg)
 
     def clear_status(self) -> None:
         self.status.setText("")
-        self.status.setStyleSheet("")
+        self._status_style("")
 
     def info(self, msg: str) -> None:
         self.status.setText(msg)
-        self.status.setStyleSheet("")
+        self._status_style("")
         show_info(msg)
