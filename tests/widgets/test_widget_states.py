@@ -121,3 +121,43 @@ def test_the_layer_boxes_never_offer_the_docks_own_results(extracted, qtbot, not
         cells.image_combo.itemText(i) for i in range(cells.image_combo.count())
     ]
     assert cells.extract() is None and "No Image layer" in notes["error"][-1]
+
+
+def test_results_reach_the_viewer_a_step_per_pass(viewer_widget, qtbot):
+    """Results are shown as steps, each in its own pass of the event loop (a timer tick can
+    run between two), and the tab is busy, its buttons off, until the last one has run."""
+    from qtpy.QtCore import QTimer
+
+    _, widget = viewer_widget
+    a = widget.analyse_panel
+    ran, ticks = [], []
+    timer = QTimer()
+    timer.setInterval(0)  # a tick on every pass
+    timer.timeout.connect(lambda: ticks.append(len(ran)))
+    timer.start()
+    a._in_steps([lambda: ran.append("layer"), lambda: ran.append("scatter")])
+    assert ran == [] and a.busy and widget.busy  # nothing yet: the first step is a pass away
+    qtbot.waitUntil(lambda: not a.busy, timeout=5_000)
+    timer.stop()
+    assert ran == ["layer", "scatter"]
+    assert 1 in ticks  # the event loop ran between the two steps
+    assert not a.cancel_btn.isEnabled()
+    # the dock closing drops the steps not yet run
+    a._in_steps([lambda: ran.append("late")])
+    a.detach()
+    qtbot.wait(50)
+    assert ran == ["layer", "scatter"] and not a.busy
+
+
+def test_status_line_keeps_its_height(viewer_widget, qtbot):
+    """A new status message repaints the line, not the whole dock (no relayout)."""
+    _, widget = viewer_widget
+    qtbot.wait(50)
+    before = widget.status.height()
+    widget.info("Two short lines of status:\nthe second one.")
+    widget.warn("A warning that is a little longer but still fits in the status line.")
+    qtbot.wait(50)
+    assert widget.status.height() == before
+    assert widget.status.styleSheet() == "color: #ffd27f;"
+    widget.clear_status()
+    assert widget.status.styleSheet() == ""
