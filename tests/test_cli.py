@@ -14,6 +14,7 @@ from PIL import Image
 from napari_mevae.checkpoints import load_checkpoint
 from napari_mevae.cli import main
 from napari_mevae.model import ACTIVE_VARIANCE
+from napari_mevae.runs import WALK_UNTRAINED
 
 SMALL = [
     "--image_size",
@@ -94,14 +95,17 @@ def test_zero_epochs_into_a_new_folder_writes_the_untrained_run(lincs64, tmp_pat
     """--epochs 0 (the fixed-cost run): an untrained model's checkpoint holds NaN activity,
     which must still count as this model's own checkpoint when the outputs are written."""
     out = tmp_path / "zero"
-    assert (
-        main(["train", *pair_args(lincs64), "--save_dir", str(out), "--epochs", "0", *SMALL]) == 0
-    )
+    args = ["--save_dir", str(out), "--epochs", "0", *SMALL, "--latent_dim", "20"]
+    assert main(["train", *pair_args(lincs64), *args]) == 0
     for name in REFERENCE_OUTPUTS:
         assert (out / name).is_file(), name
     ck = load_checkpoint(out)
     assert ck.epoch == 0 and np.isnan(ck.model_state["latent_variance"].numpy()).all()
-    assert len(pd.read_csv(out / "encodings.csv")) == 64
+    assert pd.read_csv(out / "encodings.csv").shape == (64, 21)
+    # no dimension in use yet: the walk shows the first WALK_UNTRAINED of the 20 (it took
+    # seconds to draw 128 rows of an untrained decoder)
+    assert WALK_UNTRAINED == 16
+    assert Image.open(out / "latent_walk_final.png").size == (10 * 33 + 1, 16 * 33 + 1)
 
 
 def test_phase_load_encodes_without_retraining(trained, lincs64, tmp_path):
