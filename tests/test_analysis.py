@@ -178,6 +178,11 @@ def test_csv_has_a_row_for_every_labelled_cell(tmp_path):
     why = dict(zip(skipped["label"], skipped["skip_reason"], strict=True))
     assert back.loc[gone, "skipped"].tolist() == [why[i] for i in back.loc[gone, "label"]]
     assert back.loc[~gone, "skipped"].isna().all()  # empty for kept cells
+    # every cell's area in pixels (the size fitting the cell to the crop zooms away), the
+    # skipped ones' too: what a "below min_area" reason refers to
+    area = dict(zip(cells.table["label"], cells.table["area"], strict=True))
+    assert back["area"].tolist() == [area[i] for i in back["label"]]
+    assert (back.loc[gone & back["skipped"].str.contains("min_area"), "area"] < 300).all()
     feature_cols = ["cluster", "z0", "z1", "z2", "UMAP0", "UMAP1"]
     assert back.loc[gone, feature_cols].isna().all().all()  # empty features for skipped cells
     assert back.loc[gone, ["centroid_y", "centroid_x"]].notna().all().all()  # where they are

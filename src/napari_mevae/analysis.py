@@ -325,8 +325,8 @@ def features_table(
     embedding: np.ndarray | None = None,
     clusters: np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """One row per kept cell: index (= label id), label, plane, centroid, cluster, z0..zN,
-    UMAP0/1.
+    """One row per kept cell: index (= label id), label, plane, centroid, cluster, area (when
+    ``cells`` has it), z0..zN, UMAP0/1.
 
     ``cells`` holds the kept cells in crop order (``CellCrops.kept``), so row ``i`` is crop
     ``i``.  ``cluster`` is a categorical of int64 ids (see :func:`cluster_categories`; 0 = not
@@ -346,6 +346,8 @@ def features_table(
     cols["cluster"] = cluster_categories(
         np.zeros(n, np.int64) if clusters is None else np.asarray(clusters, np.int64)
     )
+    if "area" in cells:  # pixels in the label image: the size that cropping to fit zooms away
+        cols["area"] = np.asarray(cells["area"], dtype=float)
     for d in range(latents.shape[1]):
         cols[f"z{d}"] = latents[:, d]
     if embedding is not None:
@@ -364,8 +366,8 @@ def every_cell_table(
     cell, in the order of ``cells`` (``CellCrops.table``: by plane, then label id).
 
     Kept cells keep their row of ``table`` (matched on plane and label); a skipped cell gets its
-    ``index``, ``label``, ``plane`` and centroid from ``cells`` and empty (NaN) values in every
-    other column.  With ``reasons``, a text column ``skipped`` (after ``centroid_x``) holds
+    ``index``, ``label``, ``plane``, centroid and area from ``cells`` and empty (NaN) values in
+    every other column.  With ``reasons``, a text column ``skipped`` (after ``centroid_x``) holds
     ``cells``' skip reason, "" for kept cells.  ``skipped_cluster`` is the ``cluster`` of the
     skipped cells (None: missing; 0: "not assigned", as in the cluster label image).
     """
@@ -415,7 +417,7 @@ def every_cell_table(
             out[col] = every["label"].to_numpy()
         elif col == "plane":
             out[col] = every["plane"].to_numpy()
-        elif col in ("centroid_y", "centroid_x") and col in cells:
+        elif col in ("centroid_y", "centroid_x", "area") and col in cells:
             values = np.asarray(cells[col], dtype=float).copy()
             values[rows] = np.asarray(src, dtype=float)
             out[col] = values

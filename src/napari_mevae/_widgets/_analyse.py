@@ -161,8 +161,11 @@ class AnalysePanel(Panel):
             self.service = None
 
     def _model_changed(self) -> None:
-        if self.session.model is not None:
-            self.dim.setRange(0, self.session.model.config.latent_dim - 1)
+        model = self.session.model
+        if model is not None:
+            self.dim.setRange(0, model.config.latent_dim - 1)
+            # the traversal starts at a dimension the model uses (most of 128 are unused)
+            self.dim.setValue(int(np.flatnonzero(model.active_mask.cpu().numpy())[0]))
         self._reset_plot()
 
     def _list_fields(self) -> None:

