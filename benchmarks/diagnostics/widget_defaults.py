@@ -4,7 +4,7 @@ against the sample's true classes, as a user clicking Train gets them.
     python benchmarks/diagnostics/widget_defaults.py 0 1 2    # sample seeds
 
 The Cells tab's defaults (48 px, percentile, fit the cell, drop border cells), the Model tab's
-(ME-VAE, rotation + polarity, latent 128, the default budget, batch 50, lr 5e-4), one thread as
+(ME-VAE, rotation + polarity, latent 16, the default budget, batch 50, lr 5e-4), one thread as
 the widget's training process gets on 2 cores.  One JSON line per seed.
 """
 
@@ -19,7 +19,7 @@ from sklearn.metrics import normalized_mutual_info_score
 from napari_mevae import workflow
 from napari_mevae._sample_data import synthetic_cells
 from napari_mevae.analysis import cluster, encode
-from napari_mevae.config import CropSettings, MEVAEConfig, TrainOptions
+from napari_mevae.config import CropSettings, TrainOptions
 from napari_mevae.training import Trainer
 
 
@@ -34,7 +34,7 @@ def run(seed: int) -> dict:
         image_size=crops.shape[-1],
         channels=crops.shape[1],
         nuisances=["rotation", "polarity"],
-        latent_dim=MEVAEConfig.latent_dim,
+        latent_dim=16,
     )
     trainer = Trainer(
         cfg,
