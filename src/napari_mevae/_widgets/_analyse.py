@@ -164,7 +164,7 @@ class AnalysePanel(Panel):
         model = self.session.model
         if model is not None:
             self.dim.setRange(0, model.config.latent_dim - 1)
-            # the traversal starts at a dimension the model uses (most of 128 are unused)
+            # the traversal starts at a dimension the model uses (an unused one shows no change)
             self.dim.setValue(int(np.flatnonzero(model.active_mask.cpu().numpy())[0]))
         self._reset_plot()
 
