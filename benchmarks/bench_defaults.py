@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,13 +40,12 @@ KEYS = (
 )
 
 
-def mevae(*args: object) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "napari_mevae", *map(str, args)],
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+def mevae(log: Path, *args: object) -> float:
+    """``mevae ARGS`` in a process of its own (fig2's runner: output to ``log``, one line on a
+    failure); its wall-clock seconds."""
+    from fig2 import run_cli
+
+    return run_cli([str(a) for a in args], log)[0]
 
 
 def field(folder: Path, n: int, seed: int, size: int) -> dict[str, int]:
@@ -61,9 +59,9 @@ def field(folder: Path, n: int, seed: int, size: int) -> dict[str, int]:
     folder.mkdir(parents=True)
     tifffile.imwrite(folder / "image.tif", syn.image[0])
     tifffile.imwrite(folder / "labels.tif", syn.labels)
-    mevae("pairs", "--image", folder / "image.tif", "--labels", folder / "labels.tif",
-          "--out", folder / "pairs", "--size", size, "--scale", "fit", "--seed", seed,
-          "--verbose", 0)  # fmt: skip
+    mevae(folder / "pairs.log", "pairs", "--image", folder / "image.tif",
+          "--labels", folder / "labels.tif", "--out", folder / "pairs", "--size", size,
+          "--scale", "fit", "--seed", seed, "--verbose", 0)  # fmt: skip
     return syn.classes
 
 
@@ -78,12 +76,11 @@ def run_one(work: Path, size: int, seed: int, extra: list[str] = ()) -> dict[str
     pd.DataFrame(
         {"filename": kept["filename"], "class": [classes[int(i)] for i in kept["label"]]}
     ).to_csv(work / "classes.csv", index=False)
-    t0 = time.perf_counter()
-    mevae("train", "--targets", train / "pairs" / "OutputImages",
-          "--nuisances", "rotation,polarity", "--image_size", size, "--seed", seed,
-          "--save_dir", work / "run", "--verbose", 0, *extra)  # fmt: skip
-    seconds = time.perf_counter() - t0
-    mevae("evaluate", "--checkpoint", work / "run", "--targets", test / "pairs" / "OutputImages",
+    seconds = mevae(work / "train.log", "train", "--targets", train / "pairs" / "OutputImages",
+                    "--nuisances", "rotation,polarity", "--image_size", size, "--seed", seed,
+                    "--save_dir", work / "run", "--verbose", 0, *extra)  # fmt: skip
+    mevae(work / "evaluate.log", "evaluate", "--checkpoint", work / "run",
+          "--targets", test / "pairs" / "OutputImages",
           "--classes", work / "classes.csv", "--out", work / "report.json")  # fmt: skip
     report = json.loads((work / "report.json").read_text())
     log = (work / "run" / "training.log").read_text().splitlines()
