@@ -435,8 +435,6 @@ class AnalysePanel(Panel):
             f"{int(c)}: {int(n)}"
             for c, n in zip(*np.unique(s.clusters, return_counts=True), strict=True)
         )
-        self.progress.setRange(0, 1)
-        self.progress.setValue(1)
         where = (
             f"the features of {s.fields[0].labels.name!r}"
             if len(s.fields) == 1
