@@ -61,13 +61,19 @@ def test_two_fields_are_cropped_together_and_split_back(two_fields):
     assert whole.loc[whole["source_labels"] == "B", "centroid_x"].notna().all()
 
 
-def test_whole_table_written_as_csv_and_parquet(two_fields, tmp_path):
+def _with_skipped_cells(two_fields):
+    """The two fields cropped with min_area at the median area: some cells skipped."""
     a, b, settings = two_fields
     areas = [np.bincount(f.labels.ravel())[1:] for f in (a, b)]
     areas = np.concatenate([x[x > 0] for x in areas])
     settings = dataclasses.replace(settings, min_area=int(np.median(areas)))
     cells = fields.crop_fields([(a.image, a.labels, "A"), (b.image, b.labels, "B")], settings)
     assert 0 < len(cells.skipped) < len(cells.table)  # some cells skipped (area below min)
+    return a, b, cells
+
+
+def test_whole_table_written_as_csv_and_parquet(two_fields, tmp_path):
+    a, b, cells = _with_skipped_cells(two_fields)
     n = len(cells.crops)
     table = features_table(cells.kept, np.ones((n, 2), np.float32), None, np.ones(n, int))
     whole = fields.whole_table(cells, table, [{"labels": "A"}, {"labels": "B"}])
@@ -112,12 +118,7 @@ def test_pairing_rule():
 
 
 def test_cluster_results_paint_each_field_and_list_every_labelled_cell(two_fields):
-    a, b, settings = two_fields
-    areas = [np.bincount(f.labels.ravel())[1:] for f in (a, b)]
-    areas = np.concatenate([x[x > 0] for x in areas])
-    settings = dataclasses.replace(settings, min_area=int(np.median(areas)))
-    cells = fields.crop_fields([(a.image, a.labels, "A"), (b.image, b.labels, "B")], settings)
-    assert 0 < len(cells.skipped) < len(cells.table)  # some cells skipped (area below min)
+    a, b, cells = _with_skipped_cells(two_fields)
     n = len(cells.crops)
     latents = np.random.default_rng(0).normal(size=(n, 3)).astype(np.float32)
     clusters = np.arange(n) % 3 + 1

@@ -9,8 +9,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
-import pytest
-from widget_helpers import IMAGE, LABELS, train_and_encode, wait_idle
+from widget_helpers import IMAGE, LABELS, click_viewer, train_and_encode, wait_idle
 
 from napari_mevae._widgets._analyse import SELECTION_LAYER
 
@@ -87,12 +86,7 @@ def test_two_fields_one_analysis(viewer_widget, qtbot, tmp_path, notes):
     other = int(np.flatnonzero(kept["field"].to_numpy() == 1)[7])
     where = s.table.loc[other, ["centroid_y", "centroid_x"]].to_numpy(float)
     assert labels2.data[tuple(np.round(where).astype(int))] == s.table["label"][other]
-    press = SimpleNamespace(type="mouse_press", position=tuple(where))
-    click = a._on_viewer_click(viewer, press)
-    next(click)
-    press.type = "mouse_release"
-    with pytest.raises(StopIteration):
-        next(click)
+    click_viewer(a, viewer, where)
     assert sc.selected == other and s.selected_row == other
 
     # the field box follows, and picks the field in view

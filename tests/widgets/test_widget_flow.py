@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 from napari.layers import Image, Labels
-from widget_helpers import LABELS, N_CELLS, wait_idle
+from widget_helpers import LABELS, N_CELLS, click_viewer, wait_idle
 
 from napari_mevae._widgets._analyse import SELECTION_LAYER, TRAVERSAL_LAYER
 from napari_mevae._widgets._cells import PAIRS_LAYER
@@ -126,12 +126,7 @@ def test_full_flow(extracted, qtbot, tmp_path, notes):
     other = 5
     where = feats.loc[other, ["centroid_y", "centroid_x"]].to_numpy(float)
     assert labels.data[tuple(np.round(where).astype(int))] == feats["label"][other]
-    press = SimpleNamespace(type="mouse_press", position=tuple(where))
-    click = a._on_viewer_click(viewer, press)
-    next(click)
-    press.type = "mouse_release"
-    with pytest.raises(StopIteration):
-        next(click)
+    click_viewer(a, viewer, where)
     assert sc.selected == other and s.selected_row == other
 
     # latent traversal of one dimension

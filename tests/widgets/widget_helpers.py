@@ -32,3 +32,18 @@ def train_and_encode(
     wait_idle(qtbot, widget, timeout=240_000)
     assert not notes["error"], notes["error"]
     return a
+
+
+def click_viewer(analyse: Any, viewer: Any, where: Any) -> None:
+    """A mouse click (press, release without a move) at world position ``where`` on the
+    viewer, as the Analyse tab's click callback receives it."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    press = SimpleNamespace(type="mouse_press", position=tuple(where))
+    click = analyse._on_viewer_click(viewer, press)
+    next(click)
+    press.type = "mouse_release"
+    with pytest.raises(StopIteration):
+        next(click)
