@@ -13,25 +13,15 @@ from __future__ import annotations
 import sys
 import time
 
-from make_screenshots import IMAGES, wait
+from make_screenshots import IMAGES, docked_sample, wait
 
 
 def main() -> None:
-    import napari
     import numpy as np
-    from qtpy.QtWidgets import QApplication
 
     from napari_mevae._sample_data import synthetic_cells
-    from napari_mevae._widgets import MEVAEWidget
 
-    IMAGES.mkdir(parents=True, exist_ok=True)
-    viewer = napari.Viewer(show=True)
-    viewer.window._qt_window.resize(1500, 900)
-    for data, kwargs, kind in synthetic_cells():
-        getattr(viewer, f"add_{kind}")(data, **kwargs)
-    widget = MEVAEWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="ME-VAE", area="right")
-    app = QApplication.instance()
+    viewer, widget, app = docked_sample()
     (image2, _, _), (labels2, _, _) = synthetic_cells(n_cells=30, shape=(320, 320), seed=5)
 
     def shot(tab: int, name: str) -> None:

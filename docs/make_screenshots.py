@@ -33,7 +33,9 @@ def wait(app, widget, timeout: float = 600) -> None:
     raise TimeoutError("widget still busy")
 
 
-def main() -> None:
+def docked_sample():
+    """A 1500 x 900 viewer with the plugin's sample and the dock on the right: (viewer,
+    widget, app)."""
     import napari
     from qtpy.QtWidgets import QApplication
 
@@ -47,7 +49,11 @@ def main() -> None:
         getattr(viewer, f"add_{kind}")(data, **kwargs)
     widget = MEVAEWidget(viewer)
     viewer.window.add_dock_widget(widget, name="ME-VAE", area="right")
-    app = QApplication.instance()
+    return viewer, widget, QApplication.instance()
+
+
+def main() -> None:
+    viewer, widget, app = docked_sample()
 
     def shot(tab: int, name: str, visible: tuple[str, ...] | None = None) -> None:
         widget.tabs.setCurrentIndex(tab)
