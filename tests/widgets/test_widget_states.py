@@ -161,3 +161,49 @@ def test_status_line_keeps_its_height(viewer_widget, qtbot):
     assert widget.status.styleSheet() == "color: #ffd27f;"
     widget.clear_status()
     assert widget.status.styleSheet() == ""
+
+
+def test_a_new_labels_layer_gets_its_paint_tools_back_a_pass_later(make_napari_viewer, qtbot):
+    """A result Labels layer is added without napari's painting overlays, which come back in
+    passes of their own (a timer tick runs in between); painting on it then works as on any
+    labels layer."""
+    import numpy as np
+    from qtpy.QtCore import QTimer
+
+    from napari_mevae._widgets._layers import show_labels
+
+    viewer = make_napari_viewer()
+    plain = viewer.add_labels(np.zeros((8, 8), np.uint8), name="plain")
+    ticks: list[set[str]] = []
+    data = np.zeros((32, 32), np.uint8)
+    data[4:12, 4:12] = 1
+    layer = show_labels(viewer, "cells clusters", data)
+    timer = QTimer()
+    timer.setInterval(0)
+    timer.timeout.connect(lambda: ticks.append(set(layer._overlays)))
+    timer.start()
+    assert "polygon" not in layer._overlays  # not yet
+    qtbot.waitUntil(lambda: set(layer._overlays) == set(plain._overlays), timeout=5_000)
+    timer.stop()
+    assert any("polygon" in t and "brush_stroke" not in t for t in ticks)  # one per pass
+    layer.mode = "paint"
+    layer.selected_label = 2
+    layer.paint((20, 20), 2)
+    assert layer.data[20, 20] == 2 and layer.data[5, 5] == 1
+    layer.mode = "polygon"
+    assert layer._overlays["polygon"].enabled
+
+
+def test_steps_one_per_pass_stop_when_the_viewer_goes(qtbot):
+    """A step that finds the viewer gone (RuntimeError) ends the chain quietly."""
+    from napari_mevae._widgets._layers import one_per_pass
+
+    ran: list[str] = []
+
+    def gone() -> None:
+        ran.append("gone")
+        raise RuntimeError("wrapped C/C++ object has been deleted")
+
+    one_per_pass([lambda: ran.append("a"), gone, lambda: ran.append("never")])
+    qtbot.wait(100)
+    assert ran == ["a", "gone"]

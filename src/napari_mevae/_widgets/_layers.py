@@ -4,6 +4,7 @@ layers, and the image/labels layout check.  No science and no torch here."""
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +20,7 @@ __all__ = [
     "label_columns",
     "layer_array",
     "layer_shape",
+    "one_per_pass",
     "place_beside",
     "show_image",
     "show_labels",
@@ -301,11 +303,65 @@ def _replace_or_add(
         kwargs["translate"] = place_beside(viewer, anchor, ndim)
         kwargs["metadata"] = {**kwargs.get("metadata", {}), "mevae_beside": True}
     kwargs["metadata"] = {**kwargs.get("metadata", {}), OUTPUT_KEY: True}
-    add = viewer.add_image if kind is Image else viewer.add_labels
-    layer = add(data, name=name, **kwargs)
+    layer = kind(data, name=name, **kwargs)
+    # napari adds a layer in one ~100 ms call under software OpenGL; the parts of it that can
+    # wait (painting tools, selecting the new layer, the view) follow in passes of their own
+    later = _paint_tools_later(layer)
+    layers = viewer.layers
+    activate = getattr(layers, "_activate_on_insert", None)  # napari selects what it adds
+    if activate:
+        layers._activate_on_insert = False
+    try:
+        layers.append(layer)
+    finally:
+        if activate:
+            layers._activate_on_insert = activate
+    if activate:
+        later.insert(0, functools.partial(_select, layers, layer))
     if beside:  # a new result beside the image: show both, after napari has drawn the layer
-        QTimer.singleShot(0, lambda: _reset_view(viewer))  # (two short blocks, not one long)
+        later.insert(0, lambda: _reset_view(viewer))
+    one_per_pass(later)
     return layer
+
+
+def _select(layers: Any, layer: Layer) -> None:
+    if layer in layers:
+        layers.selection.active = layer
+
+
+def _paint_tools_later(layer: Layer) -> list[Any]:
+    """Take a new Labels layer's painting overlays (polygon, brush) off it, and return the
+    steps that put them back.  napari builds their visuals when the layer is added (half of the
+    ~80 ms an add takes under software OpenGL); added back in passes of their own, the viewer
+    answers in between.  A napari without them (or without ``_overlays``): nothing to do."""
+    overlays = getattr(layer, "_overlays", None)
+    if not isinstance(layer, Labels) or overlays is None:
+        return []
+    later = []
+    for key in ("polygon", "brush_stroke"):
+        if key in overlays:
+            later.append(functools.partial(overlays.__setitem__, key, overlays.pop(key)))
+    return later
+
+
+def one_per_pass(steps: Sequence[Any]) -> None:
+    """Run ``steps`` in order, each in a pass of the event loop of its own (a 1 ms timer
+    apart: a zero timer is a queued call, run in the same pass), so a chain of 30-80 ms steps
+    never blocks the viewer for their sum.  A step's RuntimeError (the viewer is closing)
+    ends the chain."""
+    steps = list(steps)
+    if not steps:
+        return
+
+    def run() -> None:
+        try:
+            steps.pop(0)()
+        except RuntimeError:
+            return
+        if steps:
+            QTimer.singleShot(1, run)
+
+    QTimer.singleShot(1, run)
 
 
 def _reset_view(viewer: Any) -> None:
