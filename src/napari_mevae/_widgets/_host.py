@@ -15,7 +15,7 @@ from typing import Any
 
 import napari
 from napari.qt.threading import create_worker
-from napari.utils.notifications import show_error, show_info, show_warning
+from napari.utils.notifications import show_error, show_warning
 from qtpy.QtCore import QEvent, Qt
 from qtpy.QtWidgets import QFrame, QLabel, QScrollArea, QTabWidget, QVBoxLayout, QWidget
 
@@ -134,6 +134,8 @@ class MEVAEWidget(QWidget):
         self._status_style("")
 
     def info(self, msg: str) -> None:
+        """Progress and results: the status line only.  A napari notification is kept for
+        what needs attention (warnings, errors): each one animates over the canvas for
+        seconds, and under software OpenGL every frame repaints the whole window."""
         self.status.setText(msg)
         self._status_style("")
-        show_info(msg)
