@@ -87,7 +87,11 @@ def run(epochs: int) -> dict:
         start = time.perf_counter()
         action()
         seconds = wait(app, lambda: not widget.busy)
-        ticks.windows[name] = (start, time.perf_counter())
+        done = time.perf_counter()
+        ticks.windows[name] = (start, done)
+        # the viewer idles half a second before the next action (a user does not click within
+        # a millisecond), so the benchmark's own set-up of the next phase is not counted here
+        wait(app, lambda: time.perf_counter() > done + 0.5)
         return seconds
 
     m.epochs.setValue(epochs)
@@ -101,6 +105,8 @@ def run(epochs: int) -> dict:
     # no training to hide the loading behind: a new analysis process, Cluster at once
     a.close_service()
     widget.session.embedding = None
+    t_next = time.perf_counter() + 0.5
+    wait(app, lambda: time.perf_counter() > t_next)
     out["UMAP (fresh process) s"] = phase("UMAP (fresh process)", a.cluster)
     t_end = time.perf_counter() + 1.0
     wait(app, lambda: time.perf_counter() > t_end)  # ticks after the last phase
