@@ -117,7 +117,8 @@ def project_steps(dataset, size: int, batch: int, options: dict, device: str = "
     from napari_mevae.config import TrainOptions, preset
     from napari_mevae.training import Trainer
 
-    options = {"device": device, **options}
+    # the reference's loss, as the plain loop's: the invariance term (more work) is off
+    options = {"device": device, "invariance": 0.0, **options}
     opts = TrainOptions(batch_size=batch, epochs=10**6, seed=0, earlystop=False, **options)
     trainer = Trainer(preset("reference", image_size=size, latent_dim=LATENT), dataset, opts)
     for report in trainer.run():

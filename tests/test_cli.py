@@ -13,6 +13,7 @@ from PIL import Image
 
 from napari_mevae.checkpoints import load_checkpoint
 from napari_mevae.cli import main
+from napari_mevae.config import DEFAULT_INVARIANCE
 from napari_mevae.model import ACTIVE_VARIANCE
 from napari_mevae.runs import WALK_UNTRAINED
 
@@ -584,10 +585,14 @@ def test_kl_warmup_flag_reaches_the_trainer(lincs64, tmp_path, monkeypatch):
     monkeypatch.setattr(training.Trainer, "__init__", spy)
     out = tmp_path / "warm"
     argv = ["train", *pair_args(lincs64), "--save_dir", str(out), "--epochs", "1", *SMALL]
-    assert main([*argv, "--kl_warmup", "3"]) == 0
-    assert seen[-1].kl_warmup == 3.0
+    assert main([*argv, "--kl_warmup", "3", "--invariance", "0"]) == 0
+    assert seen[-1].kl_warmup == 3.0 and seen[-1].invariance == 0.0
     assert main([*argv, "--phase", "train"]) == 0  # default: off, as the reference
     assert seen[-1].kl_warmup == 0.0
+    assert seen[-1].invariance == DEFAULT_INVARIANCE  # the invariance term: on by default
+    n = len(seen)
+    assert main([*argv, "--invariance", "-1"]) == 2  # one clear line, nothing trained
+    assert len(seen) == n
 
 
 def test_precision_flag_reaches_the_trainer_and_is_announced(lincs64, tmp_path, capsys):

@@ -189,3 +189,28 @@ def test_pose_is_rotation_with_optional_mirror(crops):
     ds = NuisancePairs(crops, "pose,polarity", return_params=True)
     inputs, target, params = ds[0]
     assert inputs.shape == (2, *target.shape)
+
+
+def test_randomise_draws_every_nuisance_afresh_for_each_cell(crops):
+    """The invariance term's second view: every nuisance in turn, a fresh draw per cell."""
+    from napari_mevae.nuisances import randomise
+
+    x = torch.from_numpy(np.asarray(crops[:6], np.float32))
+    flipped = randomise(x, "polarity", np.random.default_rng(0))
+    assert flipped.shape == x.shape
+    for cell, out in zip(x, flipped, strict=True):  # each is one of the four flips of its cell
+        assert any(torch.equal(apply_nuisance("polarity", cell, c), out) for c in range(4))
+    a = randomise(x, "rotation,polarity", np.random.default_rng(1))
+    b = randomise(x, "rotation,polarity", np.random.default_rng(1))
+    c = randomise(x, "rotation,polarity", np.random.default_rng(2))
+    assert torch.equal(a, b) and not torch.allclose(a, c)  # seeded, and fresh per draw
+    # a rotation keeps the cell's total intensity (nearly: the corners), so it is the same cell
+    assert torch.allclose(a.sum((1, 2, 3)), x.sum((1, 2, 3)), rtol=0.05)
+    with pytest.raises(ValueError, match="unknown nuisance"):
+        randomise(x, "wobble", np.random.default_rng(0))
+    # one generator per cell: a cell's draw does not depend on the others in its batch
+    per_cell = [np.random.default_rng([9, i]) for i in range(6)]
+    alone = randomise(x[2:3], "rotation", [np.random.default_rng([9, 2])])
+    assert torch.equal(randomise(x, "rotation", per_cell)[2:3], alone)
+    with pytest.raises(ValueError, match="5 random generators for 6 cells"):
+        randomise(x, "rotation", per_cell[:5])

@@ -43,6 +43,7 @@ __all__ = [
     "NuisancePairs",
     "NuisanceAutoencode",
     "draw_and_apply",
+    "randomise",
     "SCALE_RANGE",
 ]
 
@@ -393,3 +394,25 @@ def draw_and_apply(
         for i, p in enumerate(params):
             out[i] = nz.apply(src[i], p).numpy()
     return out, np.asarray(params)
+
+
+def randomise(
+    cells: torch.Tensor,
+    nuisances: str | Sequence[str | Nuisance],
+    rng: np.random.Generator | Sequence[np.random.Generator],
+) -> torch.Tensor:
+    """Each cell of ``(B, C, S, S)`` under a fresh draw of every nuisance, one after another:
+    the cell in an arbitrary pose, as an analyst's image shows it (the trainer's invariance
+    term asks every encoder to read it as it reads its training input).  ``rng``: one
+    generator for all, or one per cell."""
+    chosen = get_nuisances(nuisances)
+    rngs = [rng] * len(cells) if isinstance(rng, np.random.Generator) else list(rng)
+    if len(rngs) != len(cells):
+        raise ValueError(f"{len(rngs)} random generators for {len(cells)} cells")
+    out = []
+    with torch.no_grad():
+        for cell, gen in zip(cells, rngs, strict=True):
+            for nz in chosen:
+                cell = nz.apply(cell, nz.draw(gen))
+            out.append(cell)
+    return torch.stack(out)

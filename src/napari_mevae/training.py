@@ -33,6 +33,10 @@ from .speedups import AUTOCAST_DTYPES, BatchLoader, FusedRMSprop, resolve_precis
 
 __all__ = ["TrainReport", "Trainer", "select_device", "seed_everything"]
 
+#: the nuisances of a model trained on the reference's pair folders (encoder 1 rotation,
+#: encoder 2 polarity), for the invariance term's second view
+_REFERENCE_NUISANCES = ("rotation", "polarity")
+
 
 class EpochSampler(Sampler[int]):
     """Seeded per-epoch permutation, split across processes by stride.
@@ -332,15 +336,49 @@ class Trainer:
             t = t.contiguous(memory_format=torch.channels_last)
         return t
 
+    @property
+    def invariance_weight(self) -> float:
+        """The invariance term's weight in this run's loss (0: the term is off): per pixel,
+        like the reconstruction, so one setting fits every crop size; ME-VAE models only."""
+        cfg = model_config(self.model)
+        if cfg.n_encoders < 2:
+            return 0.0
+        return self.options.invariance * cfg.image_size**2
+
+    def _invariance_views(
+        self, target: torch.Tensor, epoch: int = 0, step: int = 0
+    ) -> torch.Tensor | None:
+        """Every encoder's second input: the target cell with every nuisance drawn afresh,
+        from (seed, epoch, step, place in the global batch), so processes that share a batch
+        draw what one process would."""
+        if self.invariance_weight <= 0:
+            return None
+        from .nuisances import randomise
+
+        cfg = model_config(self.model)
+        seed = self.options.seed or 0
+        rngs = [  # rank r holds places r, r + world, ... of the global batch (EpochSampler)
+            np.random.default_rng([seed, epoch, step, i * self.world + self.rank, 7])
+            for i in range(target.shape[0])
+        ]
+        views = randomise(target.float().cpu(), cfg.nuisances or _REFERENCE_NUISANCES, rngs)
+        views = views.to(self.device)
+        return views[:, None].expand(-1, cfg.n_encoders, -1, -1, -1)
+
     def _eager_forward_loss(
-        self, inputs: torch.Tensor, target: torch.Tensor
+        self, inputs: torch.Tensor, target: torch.Tensor, views: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         dtype = self._autocast or torch.bfloat16  # any dtype when disabled
         with torch.autocast(self.device.type, dtype=dtype, enabled=self._autocast is not None):
             out = self.model(inputs)
+            means2 = None if views is None else unwrap(self.model).encode_all(views)[0]
         if self._autocast is not None:  # the loss in float32, whatever the forward ran in
             out = VAEOutput(*(t.float() for t in (out.recon_logits, out.means, out.logvars, out.z)))
         terms = unwrap(self.model).loss(out, target)
+        if means2 is not None:
+            # how far each encoder's reading of the cell moves when the nuisances change
+            terms["invariance"] = (out.means - means2.float()).pow(2).sum(-1).mean()
+            terms["loss"] = terms["loss"] + self.invariance_weight * terms["invariance"]
         # sum and sum of squares of the fused means: which latent dimensions are in use
         fused = MEVAE.fuse(out.means.detach())
         terms["latent_moments"] = torch.cat([fused.sum(0), fused.pow(2).sum(0)])
@@ -386,11 +424,13 @@ class Trainer:
                     # of an epoch runs eagerly instead of triggering a second compilation
                     full = target.shape[0] == opts.batch_size // self.world
                     step_fn = self._forward_loss if full else self._eager_forward_loss
-                    terms = step_fn(inputs, target)
+                    terms = step_fn(inputs, target, self._invariance_views(target, epoch, step))
                     loss = terms["loss"]
                     ramp = self.kl_ramp(epoch + step / max(steps, 1))
                     if ramp < 1.0:  # outside the (possibly compiled) step: no recompiles
                         loss = terms["recon"] + self.beta * ramp * terms["kl_penalty"]
+                        if "invariance" in terms:
+                            loss = loss + self.invariance_weight * terms["invariance"]
                     # one host read for the three numbers (and the finiteness check)
                     vals = np.array(
                         torch.stack([loss, terms["recon"], terms["kl"]]).detach().tolist()

@@ -6,6 +6,7 @@ import argparse
 from typing import NoReturn
 
 from ..config import (
+    DEFAULT_INVARIANCE,
     MAX_CROP_SIZE,
     MAX_LATENT_SAMP,
     MAX_NUM_SAVE,
@@ -177,6 +178,14 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         default=0.0,
         help="epochs over which the KL weight ramps from 0 to beta (default 0 = off, as the "
         "reference); against latent collapse on small images",
+    )
+    g.add_argument(
+        "--invariance",
+        type=float,
+        default=DEFAULT_INVARIANCE,
+        help=f"weight of the invariance term per pixel (default {DEFAULT_INVARIANCE}): every "
+        "encoder should read a cell the same with its nuisances drawn afresh; 0 = the paper's "
+        "loss. ME-VAE models only",
     )
     g.add_argument(
         "--patience",

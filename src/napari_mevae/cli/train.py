@@ -190,6 +190,7 @@ FLAGS = {
     "patience": "--patience",
     "precision": "--precision",
     "kl_warmup": "--kl_warmup",
+    "invariance": "--invariance",
     "threads": "--threads",
 }
 
@@ -265,6 +266,7 @@ def _train_options(args: argparse.Namespace, save_dir: Path | None, world: int):
         compile=args.compile,
         precision="bf16" if args.bf16 else args.precision,
         kl_warmup=args.kl_warmup,
+        invariance=args.invariance,
         threads=args.threads,
     )
     opts.validate()
