@@ -29,7 +29,7 @@ from qtpy.QtWidgets import (
 from .. import fields, workflow
 from ..child import ChildService
 from ..config import CheckpointError
-from ._layers import show_image, show_labels, to_tiles
+from ._layers import one_per_pass, show_image, show_labels, to_tiles
 from ._panel import Host, Panel, button, job_in
 from ._plots import ScatterPlot, cluster_color
 
@@ -405,29 +405,15 @@ class AnalysePanel(Panel):
         OpenGL napari takes ~100 ms to add a layer and as long again to paint it, so the
         viewer answers between the steps instead of once after all of them.  The tab stays
         busy until the last step (tests and chained actions wait for it)."""
-        self._steps = list(steps)
-        # the first one too: after the worker's other signals (finished), in a pass of its own
-        QTimer.singleShot(1, self._next_step)
-
-    def _next_step(self) -> None:
-        if not self._steps:
-            return
-        step = self._steps.pop(0)
-        try:
-            step()
-        finally:
-            if self._steps:
-                # 1 ms, not 0: a zero timer is a queued call, run in the same pass
-                QTimer.singleShot(1, self._next_step)
-            else:
-                self.update_buttons()
+        self._steps = list(steps)  # consumed by the chain: busy while it holds a step
+        one_per_pass(self._steps, done=self.update_buttons)
 
     @property
     def busy(self) -> bool:
         return self._worker is not None or bool(self._steps)
 
     def detach(self) -> None:
-        self._steps = []
+        self._steps.clear()  # the steps not yet run are dropped
         super().detach()
 
     def _results_shown(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -344,24 +344,36 @@ def _paint_tools_later(layer: Layer) -> list[Any]:
     return later
 
 
-def one_per_pass(steps: Sequence[Any]) -> None:
+def one_per_pass(steps: list[Callable[[], Any]], done: Callable[[], Any] | None = None) -> None:
     """Run ``steps`` in order, each in a pass of the event loop of its own (a 1 ms timer
     apart: a zero timer is a queued call, run in the same pass), so a chain of 30-80 ms steps
-    never blocks the viewer for their sum.  A step's RuntimeError (the viewer is closing)
-    ends the chain."""
-    steps = list(steps)
-    if not steps:
-        return
+    never blocks the viewer for their sum; then ``done``.  ``steps`` is consumed in place: the
+    caller sees what is still to run, and clearing it drops the rest.  A step that raises does
+    not stop the chain, except a RuntimeError (a Qt object is gone: the viewer is closing),
+    which drops the rest quietly."""
 
-    def run() -> None:
-        try:
-            steps.pop(0)()
-        except RuntimeError:
-            return
+    def next_or_done() -> None:
         if steps:
             QTimer.singleShot(1, run)
+        elif done is not None:
+            done()
 
-    QTimer.singleShot(1, run)
+    def run() -> None:
+        if not steps:
+            return  # dropped by the caller
+        step = steps.pop(0)
+        try:
+            step()
+        except RuntimeError:
+            steps.clear()
+            return
+        except Exception:
+            next_or_done()
+            raise
+        next_or_done()
+
+    if steps:  # the first one too in a pass of its own (after the caller's other signals)
+        QTimer.singleShot(1, run)
 
 
 def _reset_view(viewer: Any) -> None:
