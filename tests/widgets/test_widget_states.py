@@ -207,3 +207,24 @@ def test_steps_one_per_pass_stop_when_the_viewer_goes(qtbot):
     one_per_pass([lambda: ran.append("a"), gone, lambda: ran.append("never")])
     qtbot.wait(100)
     assert ran == ["a", "gone"]
+
+
+def test_the_window_repaints_a_pass_after_a_new_layer(make_napari_viewer, qtbot):
+    """Adding a result layer holds the window's repaint for one pass (napari's add and the
+    full-window paint under software OpenGL are each ~50 ms; together they froze the viewer
+    for ~100 ms); updating an existing layer does not hold it; the window always ends up
+    painting, and the new layer is shown and selected."""
+    import numpy as np
+
+    from napari_mevae._widgets._layers import show_image
+
+    viewer = make_napari_viewer()
+    window = viewer.window._qt_window
+    layer = show_image(viewer, "cells reconstructions", np.ones((16, 16), np.float32))
+    assert not window.updatesEnabled()  # the paint waits for the next pass
+    qtbot.waitUntil(window.updatesEnabled, timeout=5_000)
+    qtbot.waitUntil(lambda: viewer.layers.selection.active is layer, timeout=5_000)
+    assert layer in viewer.layers and layer.visible
+    show_image(viewer, "cells reconstructions", np.zeros((16, 16), np.float32))
+    assert window.updatesEnabled()  # in place: nothing added, nothing held
+    assert viewer.layers["cells reconstructions"].data.max() == 0

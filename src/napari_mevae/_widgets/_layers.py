@@ -311,17 +311,33 @@ def _replace_or_add(
     activate = getattr(layers, "_activate_on_insert", None)  # napari selects what it adds
     if activate:
         layers._activate_on_insert = False
+    # the window repaints in the next pass, not in the same one as the add
+    window = getattr(getattr(viewer, "window", None), "_qt_window", None)
+    hold = window is not None and window.updatesEnabled()
+    if hold:
+        window.setUpdatesEnabled(False)
     try:
         layers.append(layer)
+    except BaseException:
+        if hold:  # never leave the window unpainted
+            _repaint(window)
+        raise
     finally:
         if activate:
             layers._activate_on_insert = activate
+    if hold:
+        later.insert(0, functools.partial(_repaint, window))
     if activate:
-        later.insert(0, functools.partial(_select, layers, layer))
+        later.insert(1 if hold else 0, functools.partial(_select, layers, layer))
     if beside:  # a new result beside the image: show both, after napari has drawn the layer
-        later.insert(0, lambda: _reset_view(viewer))
+        later.insert(1 if hold else 0, lambda: _reset_view(viewer))
     one_per_pass(later)
     return layer
+
+
+def _repaint(window: Any) -> None:
+    with contextlib.suppress(RuntimeError):  # the window is gone: nothing to paint
+        window.setUpdatesEnabled(True)
 
 
 def _select(layers: Any, layer: Layer) -> None:
@@ -344,9 +360,14 @@ def _paint_tools_later(layer: Layer) -> list[Any]:
     return later
 
 
+#: the time between two steps of :func:`one_per_pass`: enough for the viewer's own timers
+#: (and a 10 ms benchmark tick) to run between them, too short for a person to notice
+PASS_MS = 10
+
+
 def one_per_pass(steps: list[Callable[[], Any]], done: Callable[[], Any] | None = None) -> None:
-    """Run ``steps`` in order, each in a pass of the event loop of its own (a 1 ms timer
-    apart: a zero timer is a queued call, run in the same pass), so a chain of 30-80 ms steps
+    """Run ``steps`` in order, each in a pass of the event loop of its own (:data:`PASS_MS`
+    apart; a zero timer is a queued call, run in the same pass), so a chain of 30-80 ms steps
     never blocks the viewer for their sum; then ``done``.  ``steps`` is consumed in place: the
     caller sees what is still to run, and clearing it drops the rest.  A step that raises does
     not stop the chain, except a RuntimeError (a Qt object is gone: the viewer is closing),
@@ -354,7 +375,7 @@ def one_per_pass(steps: list[Callable[[], Any]], done: Callable[[], Any] | None 
 
     def next_or_done() -> None:
         if steps:
-            QTimer.singleShot(1, run)
+            QTimer.singleShot(PASS_MS, run)
         elif done is not None:
             done()
 
@@ -373,7 +394,7 @@ def one_per_pass(steps: list[Callable[[], Any]], done: Callable[[], Any] | None 
         next_or_done()
 
     if steps:  # the first one too in a pass of its own (after the caller's other signals)
-        QTimer.singleShot(1, run)
+        QTimer.singleShot(PASS_MS, run)
 
 
 def _reset_view(viewer: Any) -> None:
