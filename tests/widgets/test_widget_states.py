@@ -228,3 +228,34 @@ def test_the_window_repaints_a_pass_after_a_new_layer(make_napari_viewer, qtbot)
     show_image(viewer, "cells reconstructions", np.zeros((16, 16), np.float32))
     assert window.updatesEnabled()  # in place: nothing added, nothing held
     assert viewer.layers["cells reconstructions"].data.max() == 0
+
+
+def test_every_chain_of_steps_shares_one_queue(qtbot):
+    """Two chains never run steps in the same pass (a zero timer ticks between any two steps),
+    a chain started by a running step goes before the rest, and each chain's ``done`` comes
+    after its own last step."""
+    from qtpy.QtCore import QTimer
+
+    from napari_mevae._widgets._layers import one_per_pass
+
+    ran: list[str] = []
+    seen: list[int] = []
+    timer = QTimer()
+    timer.setInterval(0)
+    timer.timeout.connect(lambda: seen.append(len(ran)))
+    timer.start()
+
+    def a2() -> None:
+        ran.append("a2")
+        one_per_pass([lambda: ran.append("n1"), lambda: ran.append("n2")])
+
+    one_per_pass(
+        [lambda: ran.append("a1"), a2, lambda: ran.append("a3")],
+        done=lambda: ran.append("a done"),
+    )
+    one_per_pass([lambda: ran.append("b1")], done=lambda: ran.append("b done"))
+    qtbot.waitUntil(lambda: "b done" in ran, timeout=5_000)
+    timer.stop()
+    assert ran == ["a1", "a2", "n1", "n2", "a3", "a done", "b1", "b done"]
+    steps_done = [sum(1 for r in ran[:n] if "done" not in r) for n in seen]
+    assert max(b - a for a, b in zip(steps_done, steps_done[1:], strict=False)) == 1

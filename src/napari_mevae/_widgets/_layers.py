@@ -365,36 +365,65 @@ def _paint_tools_later(layer: Layer) -> list[Any]:
 PASS_MS = 10
 
 
+class _Passes:
+    """The dock's one queue of deferred steps: one step per pass of the event loop, whoever
+    queued it, so two chains (the Analyse tab's results and a new layer's paint tools) never
+    share a pass.  Chains queued by a running step go first: they finish that step's work."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[list[Callable[[], Any]], Callable[[], Any] | None]] = []
+        self.scheduled = False
+        self.running = False
+
+    def add(self, steps: list[Callable[[], Any]], done: Callable[[], Any] | None) -> None:
+        if not steps:
+            return
+        if self.running:
+            self.jobs.insert(0, (steps, done))
+        else:
+            self.jobs.append((steps, done))
+        self.schedule()
+
+    def schedule(self) -> None:
+        if self.jobs and not self.scheduled:
+            self.scheduled = True
+            QTimer.singleShot(PASS_MS, self.run_one)
+
+    def run_one(self) -> None:
+        self.scheduled = False
+        self.jobs = [job for job in self.jobs if job[0]]  # a caller cleared its steps: dropped
+        if not self.jobs:
+            return
+        job = self.jobs[0]
+        steps, done = job
+        self.running = True
+        try:
+            steps.pop(0)()
+        except RuntimeError:  # a Qt object is gone (the viewer is closing): drop the rest
+            steps.clear()
+            done = None
+        finally:
+            self.running = False
+            finished = not steps
+            if finished:
+                self.jobs = [other for other in self.jobs if other is not job]
+            self.schedule()
+            if finished and done is not None:
+                done()
+
+
+_PASSES = _Passes()
+
+
 def one_per_pass(steps: list[Callable[[], Any]], done: Callable[[], Any] | None = None) -> None:
     """Run ``steps`` in order, each in a pass of the event loop of its own (:data:`PASS_MS`
     apart; a zero timer is a queued call, run in the same pass), so a chain of 30-80 ms steps
-    never blocks the viewer for their sum; then ``done``.  ``steps`` is consumed in place: the
-    caller sees what is still to run, and clearing it drops the rest.  A step that raises does
-    not stop the chain, except a RuntimeError (a Qt object is gone: the viewer is closing),
-    which drops the rest quietly."""
-
-    def next_or_done() -> None:
-        if steps:
-            QTimer.singleShot(PASS_MS, run)
-        elif done is not None:
-            done()
-
-    def run() -> None:
-        if not steps:
-            return  # dropped by the caller
-        step = steps.pop(0)
-        try:
-            step()
-        except RuntimeError:
-            steps.clear()
-            return
-        except Exception:
-            next_or_done()
-            raise
-        next_or_done()
-
-    if steps:  # the first one too in a pass of its own (after the caller's other signals)
-        QTimer.singleShot(PASS_MS, run)
+    never blocks the viewer for their sum; then ``done``.  Every chain of the dock shares one
+    queue (a step per pass in all); a chain started by a running step runs before the rest.
+    ``steps`` is consumed in place: the caller sees what is still to run, and clearing it
+    drops the rest.  A step that raises does not stop the chain, except a RuntimeError (a Qt
+    object is gone: the viewer is closing), which drops the rest quietly."""
+    _PASSES.add(steps, done)
 
 
 def _reset_view(viewer: Any) -> None:
