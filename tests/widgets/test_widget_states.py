@@ -210,24 +210,51 @@ def test_steps_one_per_pass_stop_when_the_viewer_goes(qtbot):
 
 
 def test_the_window_repaints_a_pass_after_a_new_layer(make_napari_viewer, qtbot):
-    """Adding a result layer holds the window's repaint for one pass (napari's add and the
-    full-window paint under software OpenGL are each ~50 ms; together they froze the viewer
-    for ~100 ms); updating an existing layer does not hold it; the window always ends up
-    painting, and the new layer is shown and selected."""
+    """Adding a result layer holds the window's repaint and the layer's controls panel for a
+    pass each (napari's add, its controls and the full-window paint under software OpenGL
+    took ~100 ms in one block); updating an existing layer holds nothing; the window always
+    ends up painting, with the new layer shown, selected and its real controls panel on."""
     import numpy as np
+    from napari._qt.layer_controls.qt_image_controls import QtImageControls
 
     from napari_mevae._widgets._layers import show_image
 
     viewer = make_napari_viewer()
     window = viewer.window._qt_window
+    container = viewer.window._qt_viewer.controls
     layer = show_image(viewer, "cells reconstructions", np.ones((16, 16), np.float32))
     assert not window.updatesEnabled()  # the paint waits for the next pass
+    assert not isinstance(container.widgets[layer], QtImageControls)  # a placeholder
     qtbot.waitUntil(window.updatesEnabled, timeout=5_000)
     qtbot.waitUntil(lambda: viewer.layers.selection.active is layer, timeout=5_000)
+    panel = container.widgets[layer]
+    assert isinstance(panel, QtImageControls) and container.currentWidget() is panel
     assert layer in viewer.layers and layer.visible
     show_image(viewer, "cells reconstructions", np.zeros((16, 16), np.float32))
     assert window.updatesEnabled()  # in place: nothing added, nothing held
     assert viewer.layers["cells reconstructions"].data.max() == 0
+    assert container.widgets[layer] is panel
+
+
+def test_a_result_layer_selected_or_removed_at_once_is_fine(make_napari_viewer, qtbot):
+    """Before its controls panel is built (a pass after the add), selecting the new layer
+    shows a placeholder, then the real panel; removing it leaves no panel behind."""
+    import numpy as np
+    from napari._qt.layer_controls.qt_image_controls import QtImageControls
+
+    from napari_mevae._widgets._layers import show_image
+
+    viewer = make_napari_viewer()
+    container = viewer.window._qt_viewer.controls
+    kept = show_image(viewer, "kept", np.ones((8, 8), np.float32))
+    viewer.layers.selection.active = kept  # napari shows the placeholder meanwhile
+    gone = show_image(viewer, "gone", np.ones((8, 8), np.float32))
+    viewer.layers.remove(gone)
+    qtbot.waitUntil(lambda: isinstance(container.widgets.get(kept), QtImageControls), timeout=5_000)
+    qtbot.wait(100)  # every deferred step has run
+    assert gone not in container.widgets
+    assert container.currentWidget() is container.widgets[kept]
+    assert [ly.name for ly in viewer.layers] == ["kept"]
 
 
 def test_every_chain_of_steps_shares_one_queue(qtbot):

@@ -6,12 +6,13 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 from napari.layers import Image, Labels, Layer
 from qtpy.QtCore import Qt, QTimer
-from qtpy.QtWidgets import QComboBox, QListWidget, QListWidgetItem, QWidget
+from qtpy.QtWidgets import QComboBox, QFrame, QListWidget, QListWidgetItem, QWidget
 
 __all__ = [
     "LayerCombo",
@@ -305,19 +306,21 @@ def _replace_or_add(
     kwargs["metadata"] = {**kwargs.get("metadata", {}), OUTPUT_KEY: True}
     layer = kind(data, name=name, **kwargs)
     # napari adds a layer in one ~100 ms call under software OpenGL; the parts of it that can
-    # wait (painting tools, selecting the new layer, the view) follow in passes of their own
-    later = _paint_tools_later(layer)
+    # wait (the window's repaint, the layer's controls panel, the view, selecting the layer,
+    # its painting tools) follow, each in a pass of its own
+    tools = _paint_tools_later(layer)
     layers = viewer.layers
     activate = getattr(layers, "_activate_on_insert", None)  # napari selects what it adds
-    if activate:
-        layers._activate_on_insert = False
-    # the window repaints in the next pass, not in the same one as the add
     window = getattr(getattr(viewer, "window", None), "_qt_window", None)
     hold = window is not None and window.updatesEnabled()
+    controls_add, build_controls = _controls_later(viewer, layer)
+    if activate:
+        layers._activate_on_insert = False
     if hold:
         window.setUpdatesEnabled(False)
     try:
-        layers.append(layer)
+        with _blocked(layers.events.inserted, controls_add):
+            layers.append(layer)
     except BaseException:
         if hold:  # never leave the window unpainted
             _repaint(window)
@@ -325,14 +328,58 @@ def _replace_or_add(
     finally:
         if activate:
             layers._activate_on_insert = activate
+    later: list[Callable[[], Any]] = []
     if hold:
-        later.insert(0, functools.partial(_repaint, window))
-    if activate:
-        later.insert(1 if hold else 0, functools.partial(_select, layers, layer))
+        later.append(functools.partial(_repaint, window))
+    if build_controls is not None:
+        later.append(build_controls())  # a placeholder stands in meanwhile
     if beside:  # a new result beside the image: show both, after napari has drawn the layer
-        later.insert(1 if hold else 0, lambda: _reset_view(viewer))
-    one_per_pass(later)
+        later.append(lambda: _reset_view(viewer))
+    if activate:
+        later.append(functools.partial(_select, layers, layer))
+    one_per_pass(later + tools)
     return layer
+
+
+def _blocked(emitter: Any, callback: Any) -> contextlib.AbstractContextManager:
+    return emitter.blocker(callback) if callback is not None else contextlib.nullcontext()
+
+
+def _controls_later(
+    viewer: Any, layer: Layer
+) -> tuple[Any, Callable[[], Callable[[], None]] | None]:
+    """napari builds a new layer's controls panel (20-35 ms under software OpenGL) as it adds
+    the layer.  Returns the container's callback to block during the add, and a function to
+    call after it: it puts an empty placeholder where napari looks for the panel (so selecting
+    or removing the layer first still works) and returns the step that builds the real one.
+    ``(None, None)`` for a napari without these internals: the add is then napari's own."""
+    qt_viewer = getattr(getattr(viewer, "window", None), "_qt_viewer", None)
+    container = getattr(qt_viewer, "_controls", None)
+    add = getattr(container, "_add", None)
+    widgets = getattr(container, "widgets", None)
+    if add is None or not isinstance(widgets, dict) or not hasattr(container, "addWidget"):
+        return None, None
+
+    def placeholder() -> Callable[[], None]:
+        frame = QFrame()
+        container.addWidget(frame)
+        widgets[layer] = frame
+
+        def build() -> None:
+            if widgets.get(layer) is not frame:
+                return  # removed meanwhile: napari dropped the placeholder
+            shown = container.currentWidget() is frame
+            add(SimpleNamespace(value=layer))
+            if widgets.get(layer) is frame:  # napari's dynamic controls: no panel per layer
+                del widgets[layer]
+            elif shown:
+                container.setCurrentWidget(widgets[layer])
+            container.removeWidget(frame)
+            frame.deleteLater()
+
+        return build
+
+    return add, placeholder
 
 
 def _repaint(window: Any) -> None:
