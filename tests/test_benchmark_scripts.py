@@ -81,6 +81,7 @@ def test_tables_show_both_content_measures(run_and_test):
 
 feature_scale = import_module("feature_scale")
 dims_in_use = import_module("dims_in_use")
+latent_directions = import_module("latent_directions")
 
 
 def test_signed_root_undoes_a_product_and_keeps_the_sign():
@@ -125,6 +126,33 @@ def test_feature_scale_one_encoder_root_is_the_features(tmp_path, run_and_test):
     ):
         assert out[f"{key}_features"] == out[f"{key}_root"]
         assert out[f"{key}_features"] == pytest.approx(rep[report_key], abs=1e-12)
+
+
+def test_latent_directions_projection_keeps_the_span_it_is_given():
+    """Features of rank 2 in 5 axes plus a tiny extra direction: two directions carry the
+    variance; projecting on them removes the tiny one and keeps the rest exactly."""
+    rng = np.random.default_rng(0)
+    big = rng.normal(size=(200, 2)) @ rng.normal(size=(2, 5))
+    tiny = 1e-3 * rng.normal(size=(200, 1)) @ rng.normal(size=(1, 5))
+    mean, vt, var = latent_directions.directions(big + tiny)
+    assert var[0] > var[1] > 0.1 > 1e-5 > var[2] > 0
+    kept = latent_directions.project(big + tiny, mean, vt[var > 1e-4])
+    assert np.linalg.matrix_rank(kept - kept.mean(0), tol=1e-8) == 2
+    assert kept == pytest.approx(big + tiny, abs=1e-2)
+    assert latent_directions.project(big, big.mean(0), vt) == pytest.approx(big)
+
+
+def test_latent_directions_threshold_zero_is_the_reports_same_protocol(run_and_test):
+    """With every direction kept, the probes are the invariance report's (same draws)."""
+    run, test = run_and_test
+    model = load_checkpoint(run).build_model("cpu").eval()
+    crops = np.asarray(FolderTargets(test / "OutputImages", 32, 1).array)
+    rep = invariance_report(model, crops, seed=0)
+    var, rows = latent_directions.measure(model, crops, crops, thresholds=(0.0, 1e-2), seed=0)
+    assert rows[0]["rotation_leakage"] == pytest.approx(rep["rotation_leakage"], abs=1e-6)
+    assert rows[0]["polarity_leakage"] == pytest.approx(rep["polarity_leakage"], abs=1e-6)
+    assert rows[0]["content_kept"] == pytest.approx(rep["content_kept"], abs=1e-6)
+    assert rows[1]["directions"] == (var > 1e-2).sum() <= 3  # 3 axes in use
 
 
 def test_measured_model_measures_dims_of_old_checkpoints(tmp_path, run_and_test):
