@@ -41,7 +41,8 @@ def test_default_demo_shows_the_nuisances_removed_and_the_classes_found(tmp_path
     """What `mevae demo` prints at the end is what the README promises: on held-out cells
     under fresh random rotations and flips, the features hold (almost) no rotation or
     polarity, and k-means on them finds the true classes.  (With the former 300 cells and
-    15 epochs the model was undertrained: rotation leakage 0.26-0.75.)"""
+    15 epochs the model was undertrained: rotation leakage 0.26-0.75; with its own training
+    settings instead of the shared defaults, seed 0 found NMI 0.67 with one dimension.)"""
     report = run_demo(tmp_path, verbose=0)
     for key in (
         "rotation_leakage",
@@ -49,7 +50,8 @@ def test_default_demo_shows_the_nuisances_removed_and_the_classes_found(tmp_path
         "polarity_leakage",
         "paired_polarity_leakage",
     ):
-        assert report[key] < 0.15, (key, report[key])
-    assert report["nmi"] > 0.6
-    assert 1 <= report["model_active_dims"] <= 8
+        assert report[key] < 0.1, (key, report[key])
+    assert report["nmi"] >= 0.8
+    assert 2 <= report["model_active_dims"] <= 16
+    assert 0 < report["epochs"] <= 83  # the default budget, or fewer by early stopping
     assert len(pd.read_csv(tmp_path / "features.csv")) == 600

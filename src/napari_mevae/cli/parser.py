@@ -360,7 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole job on built-in synthetic cells, in about a minute")
     p.add_argument("--out", default="mevae-demo", help="output folder (default mevae-demo)")
-    p.add_argument("--epochs", type=_int_in(0), default=60)
+    p.add_argument(
+        "--epochs",
+        type=_int_in(0),
+        default=None,
+        help="training epochs (default: the training budget every front end uses)",
+    )
     p.add_argument("--cells", type=_int_in(20, 100_000), default=600)
     p.add_argument("--size", type=_int_in(8, 512), default=32)
     p.add_argument("--seed", type=int, default=0)
