@@ -62,6 +62,21 @@ def test_leakage_metrics_detect_signal_and_its_absence():
     assert angle_leakage(axis, angles, harmonic=2) > 0.95
 
 
+def test_feature_directions_count_independent_signals_not_axes():
+    """Six axes that carry two signals (plus a residue far below the threshold) vary in two
+    directions; the threshold is the active-units one unless given."""
+    from napari_mevae.evaluation import feature_directions
+
+    rng = np.random.default_rng(0)
+    signals = rng.normal(size=(300, 2)) @ rng.normal(size=(2, 6))
+    residue = 1e-3 * rng.normal(size=(300, 6))
+    assert feature_directions(signals + residue) == 2
+    assert feature_directions(signals + residue, threshold=1e-8) == 6
+    assert feature_directions(rng.normal(size=(300, 4))) == 4
+    assert feature_directions(np.ones((300, 4))) == 0
+    assert feature_directions(np.zeros((1, 4))) == 0
+
+
 def test_cluster_agreement_of_separated_groups():
     rng = np.random.default_rng(1)
     centers = np.array([[0, 0], [10, 0], [0, 10]])
@@ -124,6 +139,7 @@ REPORT_KEYS = {  # what the README and invariance_report's docstring document
     "paired_neighbour_content_kept",
     "reconstruction_corr",
     "model_active_dims",
+    "feature_directions",
     "paired_rotation_leakage_all_dims",
     "paired_polarity_leakage_all_dims",
     "n_cells",
@@ -139,11 +155,17 @@ def test_invariance_report_on_a_model(model):
     for key, value in report.items():
         assert np.isfinite(value), key
         assert f"``{key}``" in invariance_report.__doc__, f"{key} is not explained"
-    for key in REPORT_KEYS - {"model_active_dims", "n_cells", "reconstruction_corr"}:
+    for key in REPORT_KEYS - {
+        "model_active_dims",
+        "feature_directions",
+        "n_cells",
+        "reconstruction_corr",
+    }:
         assert 0 <= report[key] <= 1, key
     assert -1 <= report["reconstruction_corr"] <= 1
     assert report["n_cells"] == 40
     assert report["model_active_dims"] == 8  # not measured: every dimension counts
+    assert 0 <= report["feature_directions"] <= 8
     assert report["paired_rotation_leakage_all_dims"] == report["paired_rotation_leakage"]
     assert report["paired_polarity_leakage_all_dims"] == report["paired_polarity_leakage"]
     assert set(invariance_report(model, crops)) == REPORT_KEYS  # no classes, no nmi / purity
@@ -162,6 +184,7 @@ def test_features_and_report_leave_out_unused_dimensions():
     assert (z[:, 2:] == 0).all()
     report = invariance_report(model, crops, seed=0)
     assert report["model_active_dims"] == 2
+    assert report["feature_directions"] <= 2  # the features vary in the used axes only
     # a random network's raw means see the flip; with 6 of 8 dimensions out, less of it
     assert report["paired_polarity_leakage_all_dims"] > report["paired_polarity_leakage"]
 

@@ -21,6 +21,7 @@ __all__ = [
     "content_kept",
     "discrete_leakage",
     "encoder_nuisances",
+    "feature_directions",
     "invariance_report",
     "neighbour_content_kept",
     "paired_inputs",
@@ -104,6 +105,21 @@ def pixel_correlation(a: np.ndarray, b: np.ndarray) -> float:
     denom = np.sqrt((a * a).sum(1) * (b * b).sum(1))
     corr = np.where(denom > 0, (a * b).sum(1) / np.where(denom > 0, denom, 1), 0.0)
     return float(corr.mean()) if len(corr) else 0.0
+
+
+def feature_directions(latents: np.ndarray, threshold: float | None = None) -> int:
+    """Independent directions the features vary in: principal directions of ``latents``
+    across cells with variance >= ``threshold`` (default the active-units threshold,
+    :data:`~napari_mevae.config.ACTIVE_VARIANCE`).  "Dimensions in use" counts axes, and
+    several axes can carry one signal between them (seen at 48-64 px: 7-8 axes, 1-2
+    directions)."""
+    from .config import ACTIVE_VARIANCE
+
+    z = np.asarray(latents, dtype=np.float64)
+    if len(z) < 2:
+        return 0
+    var = np.linalg.svd(z - z.mean(0), compute_uv=False) ** 2 / (len(z) - 1)
+    return int((var >= (ACTIVE_VARIANCE if threshold is None else threshold)).sum())
 
 
 def cell_descriptors(crops: np.ndarray) -> np.ndarray:
@@ -288,6 +304,9 @@ def invariance_report(
     - ``model_active_dims``: latent dimensions the model uses (:attr:`MEVAE.n_active`,
       measured by the trainer over the training cells; all of them for a model without that
       record; 0 while none is in use, and then the features keep every dimension).
+    - ``feature_directions``: independent directions the features of these (rotated) cells
+      vary in by at least the active-units threshold (:func:`feature_directions`): at most
+      ``model_active_dims``, fewer when axes in use carry the same signal.
     - ``paired_rotation_leakage_all_dims``, ``paired_polarity_leakage_all_dims``: the paired
       leakage probes on the raw product of the encoder means, unused dimensions included.
     - ``n_cells``: the number of cells measured.
@@ -319,6 +338,7 @@ def invariance_report(
         "reconstruction_corr": pixel_correlation(reconstruct(model, both, batch_size), crops),
         "n_cells": float(len(crops)),
         "model_active_dims": float(model.n_active),
+        "feature_directions": float(feature_directions(z_rot)),
     }
     nuisances = encoder_nuisances(model)
     if model.config.n_encoders == 1:
