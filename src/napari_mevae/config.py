@@ -23,6 +23,7 @@ __all__ = [
     "NUISANCE_CHOICES",
     "PRECISIONS",
     "PRESETS",
+    "REFERENCE_NUISANCES",
     "NORMALIZATIONS",
     "CheckpointError",
     "CropSettings",
@@ -196,6 +197,10 @@ MODEL_KINDS = {"ME-VAE": "mevae", "VAE": "vae", "beta-VAE": "betavae"}
 
 #: the nuisances a user picks from (napari_mevae.nuisances registers more, e.g. "pose")
 NUISANCE_CHOICES = ("rotation", "polarity", "scale")
+
+#: the reference's two encoders, in the order of its pair folders (InputImages1 = rotation,
+#: InputImages2 = polarity): what a model trained on those folders removes
+REFERENCE_NUISANCES = ("rotation", "polarity")
 
 #: the beta-VAE's KL weight relative to the VAE's, the paper's baseline
 BETAVAE_FACTOR = 4.0

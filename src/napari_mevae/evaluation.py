@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .analysis import cluster, encode, reconstruct
+from .config import REFERENCE_NUISANCES
 
 if TYPE_CHECKING:
     from .model import MEVAE
@@ -225,7 +226,7 @@ def encoder_nuisances(model: MEVAE) -> list[str] | None:
     if cfg.nuisances and len(cfg.nuisances) == cfg.n_encoders:
         return list(cfg.nuisances)
     if cfg.n_encoders == 2:
-        return ["rotation", "polarity"]
+        return list(REFERENCE_NUISANCES)
     return None
 
 

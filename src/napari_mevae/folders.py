@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import InputError
+from .config import REFERENCE_NUISANCES, InputError
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -372,7 +372,7 @@ class LazyFolderTargets:
 def export_pairs(
     targets: Any,
     out_dir: str | os.PathLike,
-    nuisances: str | Sequence[str] = ("rotation", "polarity"),
+    nuisances: str | Sequence[str] = REFERENCE_NUISANCES,
     seed: int | None = 0,
     names: Sequence[str] | None = None,
     progress: Callable[[int, int], None] | None = None,

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .checkpoints import CHECKPOINT_NAME, Checkpoint, model_config, save_checkpoint, unwrap
 from .config import (
+    REFERENCE_NUISANCES,
     CheckpointError,
     MEVAEConfig,
     TrainingDiverged,
@@ -32,10 +33,6 @@ from .model import MEVAE, VAEOutput
 from .speedups import AUTOCAST_DTYPES, BatchLoader, FusedRMSprop, resolve_precision, tune_malloc
 
 __all__ = ["TrainReport", "Trainer", "select_device", "seed_everything"]
-
-#: the nuisances of a model trained on the reference's pair folders (encoder 1 rotation,
-#: encoder 2 polarity), for the invariance term's second view
-_REFERENCE_NUISANCES = ("rotation", "polarity")
 
 
 class EpochSampler(Sampler[int]):
@@ -361,7 +358,7 @@ class Trainer:
             np.random.default_rng([seed, epoch, step, i * self.world + self.rank, 7])
             for i in range(target.shape[0])
         ]
-        views = randomise(target.float().cpu(), cfg.nuisances or _REFERENCE_NUISANCES, rngs)
+        views = randomise(target.float().cpu(), cfg.nuisances or REFERENCE_NUISANCES, rngs)
         views = views.to(self.device)
         return views[:, None].expand(-1, cfg.n_encoders, -1, -1, -1)
 
