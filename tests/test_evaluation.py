@@ -25,6 +25,7 @@ from napari_mevae.evaluation import (
     content_kept,
     discrete_leakage,
     encoder_nuisances,
+    feature_directions,
     invariance_report,
     neighbour_content_kept,
     paired_inputs,
@@ -187,6 +188,27 @@ def test_features_and_report_leave_out_unused_dimensions():
     assert report["feature_directions"] <= 2  # the features vary in the used axes only
     # a random network's raw means see the flip; with 6 of 8 dimensions out, less of it
     assert report["paired_polarity_leakage_all_dims"] > report["paired_polarity_leakage"]
+
+
+def test_report_reads_the_features_kept_to_the_directions_in_use():
+    """Axes in use that carry one signal between them: the report's features keep only that
+    direction, as every encoding does (``MEVAE.encode``), whatever else the raw axes hold."""
+    torch.manual_seed(0)
+    model = MEVAE(preset("tiny", n_encoders=2)).eval()
+    crops = np.random.default_rng(1).random((60, 1, 32, 32), dtype=np.float32)
+    raw = encode(model, crops, inactive_to_zero=False)
+    v = torch.zeros(8)
+    v[:3] = torch.tensor([2.0, 1.0, 2.0]) / 3
+    model.latent_covariance.copy_(5.0 * torch.outer(v, v) + 1e-4 * torch.eye(8))
+    model.latent_variance.copy_(torch.diagonal(model.latent_covariance))
+    model.latent_mean.copy_(torch.from_numpy(raw.mean(0)))
+    report = invariance_report(model, crops, seed=0)
+    assert report["model_active_dims"] == 3 and model.n_directions == 1
+    assert feature_directions(raw[:, :3], threshold=1e-12) == 3
+    assert report["feature_directions"] <= 1
+    z = encode(model, crops)
+    off = z[:, :3] - raw.mean(0)[:3]
+    np.testing.assert_allclose(off - np.outer(off @ v[:3].numpy(), v[:3].numpy()), 0, atol=1e-5)
 
 
 def test_paired_inputs_give_each_encoder_its_own_nuisance():

@@ -102,6 +102,55 @@ def test_unused_latent_dimensions_are_zero_in_the_features():
     assert torch.equal(model.encode(x), raw)
 
 
+def _measure(model, mean, cov):
+    model.latent_mean.copy_(mean)
+    model.latent_covariance.copy_(cov)
+    model.latent_variance.copy_(torch.diagonal(cov))
+
+
+def test_features_keep_only_the_directions_in_use():
+    torch.manual_seed(0)
+    model = MEVAE(preset("tiny", n_encoders=2))  # latent 8
+    x = torch.rand(6, 2, 1, 32, 32)
+    raw = model.encode(x, inactive_to_zero=False)
+    assert model.feature_projection() is None and model.n_directions is None
+    # axes 0-2 in use but varying together: one direction v (variance 4) plus a second one of
+    # variance 1e-4 (below ACTIVE_VARIANCE), the pose residue of trained models; axis 3 unused
+    v = torch.tensor([0.6, 0.8, 0.0] + [0.0] * 5)
+    w = torch.tensor([0.8, -0.6, 0.0] + [0.0] * 5)
+    cov = 4.0 * torch.outer(v, v) + 1e-4 * torch.outer(w, w)
+    cov[2, 2] = 0.5  # an axis in use on its own
+    cov[3, 3] = 1e-3
+    mean = torch.linspace(-1, 1, 8)
+    _measure(model, mean, cov)
+    assert model.n_active == 3 and model.n_directions == 2
+    z = model.encode(x)
+    assert (z[:, 3:] == 0).all() and not torch.signbit(z[:, 3:]).any()
+    # what is left of each cell lies in the plane of v and axis 2, through the training mean
+    off = (z - mean)[:, :3]
+    residue = off - torch.outer(off @ v[:3], v[:3]) - torch.outer(off[:, 2], torch.eye(3)[2])
+    assert float(residue.abs().max()) < 1e-5
+    torch.testing.assert_close(off @ v[:3], (raw - mean)[:, :3] @ v[:3])
+    torch.testing.assert_close(z[:, 2], raw[:, 2])
+    assert torch.equal(model.encode(x, inactive_to_zero=False), raw)
+    # no direction above the threshold (a barely trained model): the axis rule alone
+    _measure(model, mean, cov * 1e-4)
+    assert model.feature_projection() is None and torch.equal(model.encode(x), raw)
+
+
+def test_checkpoints_from_before_the_directions_load_unmeasured():
+    model = MEVAE(preset("tiny", n_encoders=2))
+    model.latent_variance.fill_(0.5)
+    state = {
+        k: t for k, t in model.state_dict().items() if k not in ("latent_mean", "latent_covariance")
+    }
+    other = MEVAE(preset("tiny", n_encoders=2))
+    other.load_state_dict(state)
+    assert torch.isnan(other.latent_covariance).all() and other.feature_projection() is None
+    x = torch.rand(3, 2, 1, 32, 32)
+    torch.testing.assert_close(other.encode(x), model.encode(x))
+
+
 def test_latent_variance_travels_with_the_state_dict():
     model = MEVAE(preset("tiny"))
     model.latent_variance.fill_(0.5)

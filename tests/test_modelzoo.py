@@ -374,7 +374,7 @@ def test_export_without_the_extra_says_what_to_install(run, package, tmp_path, c
     assert load_checkpoint(package).epoch == 3
 
 
-@pytest.mark.parametrize("variance", ["mixed", "unmeasured", "none used"])
+@pytest.mark.parametrize("variance", ["mixed", "unmeasured", "none used", "directions"])
 def test_features_module_is_the_analysis_encode(variance):
     """MEVAEFeatures (and its TorchScript trace) gives MEVAE.encode of the repeated crop."""
     torch.manual_seed(0)
@@ -382,6 +382,12 @@ def test_features_module_is_the_analysis_encode(variance):
     values = {"mixed": [1.0, 0.0, 0.5, 0.001, 2.0, 0.0], "none used": [0.0] * 6}
     if variance in values:
         model.latent_variance.copy_(torch.tensor(values[variance]))
+    if variance == "directions":  # axes 0 and 2 in use, carrying one direction between them
+        v = torch.tensor([0.6, 0.0, 0.8, 0.0, 0.0, 0.0])
+        model.latent_covariance.copy_(2.0 * torch.outer(v, v) + 1e-5 * torch.eye(6))
+        model.latent_mean.copy_(torch.linspace(0.5, 1.0, 6))
+        model.latent_variance.copy_(torch.diagonal(model.latent_covariance))
+        assert model.n_directions == 1
     module = MEVAEFeatures(**model.config.to_dict())
     module.load_state_dict(model.state_dict())
     module.eval()
@@ -393,10 +399,15 @@ def test_features_module_is_the_analysis_encode(variance):
         t_feats, _ = traced(x)
     if variance == "mixed":
         assert (z[:, [1, 3, 5]] == 0).all() and (z[:, [0, 2, 4]] != 0).all()
+    elif variance == "directions":
+        assert (z[:, [1, 3, 4, 5]] == 0).all()
+        off = z[:, [0, 2]] - model.latent_mean[[0, 2]]
+        torch.testing.assert_close(off[:, 0] * 0.8, off[:, 1] * 0.6)  # along v
     else:
         assert (z != 0).all()
-    assert torch.equal(feats, z) and torch.equal(t_feats, z)
-    assert torch.allclose(recon, model.decode(z), atol=1e-6)
+    torch.testing.assert_close(feats, z, rtol=0, atol=1e-6)
+    torch.testing.assert_close(t_feats, z, rtol=0, atol=1e-6)
+    assert torch.allclose(recon, model.decode(z), atol=1e-5)
 
 
 def test_checkpoint_files_are_not_taken_for_packages(tmp_path):

@@ -59,9 +59,15 @@ def test_trainer_measures_which_latent_dimensions_are_used(tmp_path):
     expected = torch.prod(means, 0).var(0, unbiased=False).detach()
     assert torch.isfinite(model.latent_variance).all()
     torch.testing.assert_close(model.latent_variance, expected, rtol=1e-3, atol=1e-9)
+    # and their mean and covariance, for the directions in use
+    fused = torch.prod(means, 0).detach().double()
+    torch.testing.assert_close(model.latent_mean, fused.mean(0).float(), rtol=1e-3, atol=1e-6)
+    cov = torch.cov(fused.T, correction=0).float()
+    torch.testing.assert_close(model.latent_covariance, cov, rtol=1e-3, atol=1e-6)
     # it travels with the checkpoint
     again = load_checkpoint(tmp_path).build_model()
     assert torch.equal(again.latent_variance, model.latent_variance)
+    assert torch.equal(again.latent_covariance, model.latent_covariance)
     assert torch.equal(again.active_mask, model.active_mask)
 
 

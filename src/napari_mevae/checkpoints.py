@@ -172,7 +172,8 @@ def _check_weights(path: Path, payload: dict[str, Any]) -> None:
     for name, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{path}: model entry {name!r} is not a tensor")
-        if name.endswith("latent_variance"):  # NaN there means "not measured yet"
+        if name.endswith(("latent_variance", "latent_mean", "latent_covariance")):
+            # NaN there means "not measured yet"
             continue
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             bad = int((~torch.isfinite(value)).sum())

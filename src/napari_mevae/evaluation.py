@@ -273,7 +273,8 @@ def invariance_report(
     (identity, left-right, up-down, 180 degrees): one nuisance at a time, so each score has the
     full 0..1 range (under a uniform rotation a 180-degree flip would be just another rotation).
     Every probe reads the features as exported, the dimensions the model does not use being 0
-    (:func:`~napari_mevae.analysis.encode`), except the ``*_all_dims`` keys.  Two protocols:
+    and the others kept to the directions in use (:meth:`MEVAE.encode`), except the
+    ``*_all_dims`` keys.  Two protocols:
 
     - same (keys without ``paired_``): every encoder sees the same transformed cell, as when
       one image of a cell is analysed;
@@ -315,6 +316,8 @@ def invariance_report(
       classes on the features of the rotated and flipped cells, against ``classes``
       (:func:`cluster_agreement`).
     """
+    import torch
+
     from .nuisances import draw_and_apply
 
     crops = np.asarray(crops, dtype=np.float32)
@@ -322,12 +325,13 @@ def invariance_report(
     rotated, angles = draw_and_apply(crops, "rotation", rng)
     flipped, flips = draw_and_apply(crops, "polarity", rng)
     both, _ = draw_and_apply(rotated, "polarity", rng)
-    mask = model.active_mask.cpu().numpy()
 
     def raw_and_features(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        # one encoding gives both the raw product and the features (unused dimensions 0)
+        # one encoding gives both the raw product and the features as exported
         raw = encode(model, x, batch_size=batch_size, inactive_to_zero=False)
-        return raw, np.where(mask, raw, np.float32(0))
+        with torch.no_grad():
+            used = model.used_part(torch.from_numpy(raw).to(model.latent_variance.device))
+        return raw, used.cpu().numpy()
 
     raw_rot, z_rot = raw_and_features(rotated)
     raw_flip, z_flip = raw_and_features(flipped)

@@ -132,6 +132,12 @@ class MEVAE(nn.Module):
         # variance over the training cells of each fused latent mean, measured by the trainer
         # during the last epoch; NaN = not measured (untrained)
         self.register_buffer("latent_variance", torch.full((config.latent_dim,), math.nan))
+        # their mean and covariance, measured with it: the directions the model uses
+        # (feature_projection); NaN in checkpoints written before they were measured
+        dim = config.latent_dim
+        self.register_buffer("latent_mean", torch.full((dim,), math.nan))
+        self.register_buffer("latent_covariance", torch.full((dim, dim), math.nan))
+        self._register_load_state_dict_pre_hook(_unmeasured_directions)
 
     @property
     def n_active(self) -> int:
@@ -147,6 +153,33 @@ class MEVAE(nn.Module):
         barely trained model) all are kept: whole raw features beat all-zero ones."""
         mask = self.latent_variance >= ACTIVE_VARIANCE  # NaN compares False
         return mask if mask.any() else torch.ones_like(mask)
+
+    def feature_projection(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(mean, P)``: features are ``mean + (z - mean) @ P``, the orthogonal projection onto
+        the directions of the latent space the model uses (covariance eigenvalue >=
+        ACTIVE_VARIANCE over the training cells, within the axes in use).
+
+        Axes in use can carry one signal between them; what the features hold beside it is
+        residue 1,000-fold smaller (nuisance included) that no distance sees but a linear probe
+        that standardises every axis reads.  None while not measured, or when no direction is
+        in use."""
+        cov = self.latent_covariance
+        if not bool(torch.isfinite(cov).all()) or not bool(torch.isfinite(self.latent_mean).all()):
+            return None
+        axes = torch.nonzero(self.active_mask).flatten()
+        values, vectors = torch.linalg.eigh(cov[axes][:, axes].double())
+        kept = vectors[:, values >= ACTIVE_VARIANCE]
+        if kept.shape[1] == 0:
+            return None
+        proj = torch.zeros_like(cov, dtype=torch.float64)
+        proj[axes[:, None], axes] = kept @ kept.T
+        return self.latent_mean, proj.to(cov.dtype)
+
+    @property
+    def n_directions(self) -> int | None:
+        """Independent directions in use (see :meth:`feature_projection`); None if unmeasured."""
+        proj = self.feature_projection()
+        return None if proj is None else round(float(torch.trace(proj[1])))
 
     @property
     def activity_measured(self) -> bool:
@@ -201,13 +234,22 @@ class MEVAE(nn.Module):
 
         Dimensions the model does not use (:attr:`active_mask`) are set to 0, their prior
         mean: the product fusion shrinks them ~1000-fold but not to zero, and what remains is
-        residue of single encoders (nuisance included) that the decoder never reads.  Pass
-        ``inactive_to_zero=False`` for the raw product."""
+        residue of single encoders (nuisance included) that the decoder never reads.  For the
+        same reason the axes in use are projected onto the directions in use
+        (:meth:`feature_projection`).  Pass ``inactive_to_zero=False`` for the raw product."""
         means, logvars = self.encode_all(x)
         z = self.fuse(self.sample(means, logvars) if sample else means)
         if inactive_to_zero:
-            z = torch.where(self.active_mask, z, torch.zeros((), dtype=z.dtype))  # +0.0, not -0.0
+            z = self.used_part(z)
         return z
+
+    def used_part(self, z: torch.Tensor) -> torch.Tensor:
+        """``z`` (B, L) kept to the directions in use, the other axes 0 (see :meth:`encode`)."""
+        proj = self.feature_projection()
+        if proj is not None:
+            mean, p = (t.to(z.dtype) for t in proj)
+            z = mean + (z - mean) @ p
+        return torch.where(self.active_mask, z, torch.zeros((), dtype=z.dtype))  # +0.0, not -0.0
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -242,6 +284,17 @@ class MEVAE(nn.Module):
             "kl": kl.mean(),
             "kl_penalty": penalty,  # the KL term the loss weighs (what a warm-up ramps)
         }
+
+
+def _unmeasured_directions(state: dict, prefix: str, *_args: object) -> None:
+    """Checkpoints from before the directions were measured load with them unmeasured (NaN):
+    their features keep every axis in use, as they did."""
+    variance = state.get(prefix + "latent_variance")
+    if variance is None:
+        return
+    dim = variance.shape[0]
+    state.setdefault(prefix + "latent_mean", torch.full((dim,), math.nan))
+    state.setdefault(prefix + "latent_covariance", torch.full((dim, dim), math.nan))
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -376,9 +376,9 @@ class Trainer:
             # how far each encoder's reading of the cell moves when the nuisances change
             terms["invariance"] = (out.means - means2.float()).pow(2).sum(-1).mean()
             terms["loss"] = terms["loss"] + self.invariance_weight * terms["invariance"]
-        # sum and sum of squares of the fused means: which latent dimensions are in use
-        fused = MEVAE.fuse(out.means.detach())
-        terms["latent_moments"] = torch.cat([fused.sum(0), fused.pow(2).sum(0)])
+        # sum and sum of products of the fused means: which latent directions are in use
+        fused = MEVAE.fuse(out.means.detach()).float()
+        terms["latent_moments"] = torch.cat([fused.sum(0), (fused.T @ fused).flatten()])
         return terms
 
     # -- the loop --------------------------------------------------------------------------
@@ -412,7 +412,8 @@ class Trainer:
                 steps = len(loader)
                 sums = np.zeros(3)
                 seen = 0
-                moments = torch.zeros(2 * model_config(self.model).latent_dim, dtype=torch.float64)
+                dim = model_config(self.model).latent_dim
+                moments = torch.zeros(dim + dim * dim, dtype=torch.float64)
                 t_epoch = time.perf_counter()
                 for step, (inputs, target) in enumerate(loader):
                     t0 = time.perf_counter()
@@ -560,15 +561,22 @@ class Trainer:
         return t.cpu()
 
     def _set_latent_variance(self, moments: torch.Tensor, seen: int) -> None:
-        """Store each fused dimension's variance over the epoch's cells in the model (and so in
-        its checkpoint): :attr:`MEVAE.active_mask` reads it."""
+        """Store the fused means' mean, covariance and variances over the epoch's cells in the
+        model (and so in its checkpoint): :attr:`MEVAE.active_mask` and
+        :meth:`MEVAE.feature_projection` read them."""
         if seen < 2:
             return
-        half = moments.numel() // 2
-        mean = moments[:half] / seen
-        var = (moments[half:] / seen - mean**2).clamp_min(0.0)
-        buf = unwrap(self.model).latent_variance
-        buf.copy_(var.to(buf.device, buf.dtype))
+        model = unwrap(self.model)
+        dim = model.latent_variance.numel()
+        mean = moments[:dim] / seen
+        cov = moments[dim:].view(dim, dim) / seen - torch.outer(mean, mean)
+        cov = (cov + cov.T) / 2
+        for buf, value in (
+            (model.latent_mean, mean),
+            (model.latent_covariance, cov),
+            (model.latent_variance, torch.diagonal(cov).clamp_min(0.0)),
+        ):
+            buf.copy_(value.to(buf.device, buf.dtype))
 
     def _record(
         self, epoch: int, mean: np.ndarray, seen: int, t0: float, partial: bool = False

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..config import ACTIVE_VARIANCE, CheckpointError, MEVAEConfig
+from ..config import CheckpointError, MEVAEConfig
 from ..model import MEVAE
 
 #: the key of this package's section in the rdf's ``config``, and a tag of every export
@@ -68,10 +68,7 @@ class MEVAEFeatures(MEVAE):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         means = torch.stack([enc(x)[0] for enc in self.encoders])
         z = torch.prod(means, dim=0)
-        # MEVAE.active_mask without a Python branch (it is traced): all kept while none is used
-        used = self.latent_variance >= ACTIVE_VARIANCE
-        keep = used | ~used.any()
-        z = torch.where(keep, z, torch.zeros((), dtype=z.dtype))
+        z = self.used_part(z)  # traced: the branches freeze to this model's measurements
         return z, torch.sigmoid(self.decoder(z))
 
 
