@@ -177,15 +177,7 @@ def test_early_stopping_with_patience(plain_patience):
     trainer = Trainer(
         preset("tiny"),
         Blobs(),
-        TrainOptions(
-            epochs=50,
-            batch_size=8,
-            learn_rate=1e-12,
-            patience=2,
-            seed=0,
-            min_delta=1e6,
-            kl_warmup=0,  # early stopping waits for a warm-up (test below)
-        ),
+        TrainOptions(epochs=50, batch_size=8, learn_rate=1e-12, patience=2, seed=0, min_delta=1e6),
     )
     reports = run_all(trainer)
     assert reports[-1].reason == "early_stop"
@@ -237,14 +229,9 @@ def test_kl_warmup_ramps_the_kl_weight_and_delays_early_stopping(plain_patience)
         assert r.loss == pytest.approx(r.recon + 2.0 * ramp * r.kl, rel=1e-5)
     assert steps[0].loss == pytest.approx(steps[0].recon, rel=1e-6)  # epoch 0 starts at 0
     assert steps[0].kl > 0
-    # by default the ramp takes a quarter of the run's epochs
-    assert Trainer(cfg, Blobs(), TrainOptions(epochs=8)).kl_warmup == 2.0
-    assert Trainer(cfg, Blobs(), TrainOptions(epochs=8, kl_warmup=0)).kl_ramp(0) == 1.0
-    # without warm-up (0, as the reference) the same seed optimises the full loss at once
+    # without warm-up the same seed optimises the full loss from the first step
     plain = Trainer(
-        cfg,
-        Blobs(),
-        TrainOptions(epochs=1, batch_size=8, seed=0, earlystop=False, invariance=0, kl_warmup=0),
+        cfg, Blobs(), TrainOptions(epochs=1, batch_size=8, seed=0, earlystop=False, invariance=0)
     )
     first = next(r for r in plain.run() if r.kind == "step")
     assert first.loss == pytest.approx(first.recon + 2.0 * first.kl, rel=1e-5)
@@ -389,13 +376,7 @@ def test_fp16_trains_with_loss_scaling_and_float32_weights(tmp_path):
     and checkpoints that load in any precision."""
     ds = Blobs()
     opts = TrainOptions(
-        epochs=4,
-        batch_size=8,
-        learn_rate=2e-3,
-        seed=1,
-        precision="fp16",
-        save_dir=tmp_path,
-        kl_warmup=0,  # the first scale holds at the full loss (the test's last check)
+        epochs=4, batch_size=8, learn_rate=2e-3, seed=1, precision="fp16", save_dir=tmp_path
     )
     trainer = Trainer(preset("tiny", latent_dim=4), ds, opts)
     assert trainer.precision == "fp16" and trainer._autocast == torch.float16

@@ -32,7 +32,6 @@ __all__ = [
     "TrainOptions",
     "TrainingDiverged",
     "default_epochs",
-    "KL_WARMUP_FRACTION",
     "kl_weight",
     "model_kind",
     "preset",
@@ -301,12 +300,6 @@ def default_epochs(n_items: int) -> int:
     return max(1, round(images / n))
 
 
-#: the default KL warm-up (TrainOptions.kl_warmup None): the KL weight ramps up from 0 over this
-#: fraction of the run's epochs.  With the features kept to the directions in use it adds latent
-#: dimensions at 32 px without letting the pose in (docs/benchmarks.md, "Defaults on synthetic
-#: cells"); early stopping counts only the epochs after it
-KL_WARMUP_FRACTION = 0.25
-
 #: the invariance term's weight per pixel (TrainOptions.invariance): 10 at 32 px, 164 at 128 px
 DEFAULT_INVARIANCE = 0.01
 
@@ -378,10 +371,9 @@ class TrainOptions:
     # process), never inside napari's
     tune_malloc: bool = True
     # ramp the KL weight linearly from 0 to beta over this many epochs (0 = off, as the
-    # reference; None = KL_WARMUP_FRACTION of the run's epochs), so the encoders learn to
-    # carry the cell before the KL prior squeezes them; early stopping only counts epochs
-    # after the ramp
-    kl_warmup: float | None = None
+    # reference), so the encoders learn to carry the cell before the KL prior squeezes them;
+    # early stopping only counts epochs after the ramp
+    kl_warmup: float = 0.0
     # intra-op threads for torch (None = torch's default, one per core)
     threads: int | None = None
     # weight of the invariance term, per pixel (the loss adds invariance x S^2 x the mean
@@ -403,9 +395,7 @@ class TrainOptions:
             raise ValueError(
                 f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
             )
-        if self.kl_warmup is not None and not (
-            self.kl_warmup >= 0 and math.isfinite(self.kl_warmup)
-        ):
+        if not (self.kl_warmup >= 0 and math.isfinite(self.kl_warmup)):
             raise ValueError(f"kl_warmup must be a number of epochs >= 0, got {self.kl_warmup}")
         if not (self.invariance >= 0 and math.isfinite(self.invariance)):
             raise ValueError(f"invariance must be a number >= 0, got {self.invariance}")

@@ -21,7 +21,6 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .checkpoints import CHECKPOINT_NAME, Checkpoint, model_config, save_checkpoint, unwrap
 from .config import (
-    KL_WARMUP_FRACTION,
     REFERENCE_NUISANCES,
     CheckpointError,
     MEVAEConfig,
@@ -236,15 +235,9 @@ class Trainer:
     def beta(self) -> float:
         return model_config(self.model).beta
 
-    @property
-    def kl_warmup(self) -> float:
-        """Epochs of the KL warm-up: as given, or KL_WARMUP_FRACTION of this run's epochs."""
-        warm = self.options.kl_warmup
-        return KL_WARMUP_FRACTION * self.epochs if warm is None else float(warm)
-
     def kl_ramp(self, epochs_done: float) -> float:
         """Fraction of the KL weight in use after ``epochs_done`` (fractional) epochs."""
-        warm = self.kl_warmup
+        warm = self.options.kl_warmup
         return 1.0 if warm <= 0 else min(1.0, max(0.0, epochs_done / warm))
 
     def _init_distributed(self) -> None:

@@ -392,8 +392,7 @@ def dims_in_use(model: MEVAE, names: dict[str, str] = CLI_NAMES) -> str:
         )
     else:
         hint = (
-            f"train longer (more {names['epochs']}) or ramp the KL weight up over more epochs "
-            f"(a longer {names['kl_warmup']})"
+            f"train longer (more {names['epochs']}) or ramp the KL weight up ({names['kl_warmup']})"
         )
     what = (
         "0: the model has not learned to use its latent space yet; the encodings keep every "

@@ -131,13 +131,10 @@ class ModelPanel(Panel):
         self.seed = QSpinBox()
         self.seed.setRange(0, 2**31 - 1)
         self.kl_warmup = QSpinBox()
-        self.kl_warmup.setRange(-1, 10000)
-        self.kl_warmup.setSpecialValueText("auto")  # -1: a quarter of the run's epochs
-        self.kl_warmup.setValue(-1)
+        self.kl_warmup.setRange(0, 10000)
         self.kl_warmup.setToolTip(
-            "Epochs over which the KL weight ramps up from 0 (auto = a quarter of the run; "
-            "0 = off, as the reference): against a latent space that collapses to a few "
-            "dimensions"
+            "Epochs over which the KL weight ramps up from 0 (0 = off): against a latent space "
+            "that collapses to a few dimensions"
         )
         self.precision = QComboBox()
         self.precision.addItems(list(PRECISIONS))
@@ -341,7 +338,7 @@ class ModelPanel(Panel):
             device=self.device.currentText(),
             seed=self.seed.value(),
             save_dir=self._run_dir,
-            kl_warmup=None if self.kl_warmup.value() < 0 else float(self.kl_warmup.value()),
+            kl_warmup=float(self.kl_warmup.value()),
             precision=self.precision.currentText(),
             threads=threads,
         )

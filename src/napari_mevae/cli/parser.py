@@ -175,9 +175,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--kl_warmup",
         type=float,
-        default=None,
-        help="epochs over which the KL weight ramps from 0 to beta (default: a quarter of the "
-        "run's epochs; 0 = off, as the reference); against latent collapse",
+        default=0.0,
+        help="epochs over which the KL weight ramps from 0 to beta (default 0 = off, as the "
+        "reference); against latent collapse on small images",
     )
     g.add_argument(
         "--invariance",
