@@ -48,7 +48,7 @@ def run(seed: int) -> dict:
     y = [truth[label] for label in cells.kept["label"]]
     nmi = normalized_mutual_info_score(y, cluster(z, "kmeans", 3))
     out = dict(seed=seed, cells=len(crops), epochs=trainer.epochs, seconds=round(seconds, 1))
-    out.update(dims=model.n_active, nmi=round(float(nmi), 3))
+    out.update(dims=model.n_active, directions=model.n_directions, nmi=round(float(nmi), 3))
     print(json.dumps(out), flush=True)
     return out
 
