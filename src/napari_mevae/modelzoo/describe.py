@@ -260,7 +260,8 @@ def _rdf(
         "outputs": [
             {
                 "id": "features",
-                "description": "per-cell ME-VAE features (unused dimensions 0)",
+                "description": "per-cell ME-VAE features (unused dimensions 0, the rest kept to "
+                "the directions in use)",
                 "axes": [
                     {"type": "batch"},
                     {"type": "channel", "channel_names": [f"z{i}" for i in range(cfg.latent_dim)]},

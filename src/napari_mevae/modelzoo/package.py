@@ -57,7 +57,8 @@ class MEVAEFeatures(MEVAE):
 
     ``forward(x)`` with canonical crops ``x`` ``(b, c, y, x)`` returns ``(features, recon)``:
     ``features`` ``(b, latent_dim)`` as :meth:`MEVAE.encode` gives when every encoder sees the
-    same cell (product of the encoder means, unused dimensions 0) and ``recon`` ``(b, c, y, x)``
+    same cell (product of the encoder means, unused dimensions 0, the rest kept to the
+    directions in use) and ``recon`` ``(b, c, y, x)``
     in [0, 1], the decoded features.  Built from the model config's fields as keyword
     arguments (the package's ``architecture.kwargs``); its state dict is the MEVAE's.
     """
