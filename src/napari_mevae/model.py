@@ -162,18 +162,18 @@ class MEVAE(nn.Module):
         Axes in use can carry one signal between them; what the features hold beside it is
         residue 1,000-fold smaller (nuisance included) that no distance sees but a linear probe
         that standardises every axis reads.  None while not measured, or when no direction is
-        in use."""
-        cov = self.latent_covariance
-        if not bool(torch.isfinite(cov).all()) or not bool(torch.isfinite(self.latent_mean).all()):
+        in use.  Computed on the CPU in float64 (MPS has neither), returned on the CPU."""
+        cov, mean = self.latent_covariance.cpu(), self.latent_mean.cpu()
+        if not bool(torch.isfinite(cov).all()) or not bool(torch.isfinite(mean).all()):
             return None
-        axes = torch.nonzero(self.active_mask).flatten()
+        axes = torch.nonzero(self.active_mask.cpu()).flatten()
         values, vectors = torch.linalg.eigh(cov[axes][:, axes].double())
         kept = vectors[:, values >= ACTIVE_VARIANCE]
         if kept.shape[1] == 0:
             return None
         proj = torch.zeros_like(cov, dtype=torch.float64)
         proj[axes[:, None], axes] = kept @ kept.T
-        return self.latent_mean, proj.to(cov.dtype)
+        return mean, proj.to(cov.dtype)
 
     @property
     def n_directions(self) -> int | None:
@@ -247,7 +247,7 @@ class MEVAE(nn.Module):
         """``z`` (B, L) kept to the directions in use, the other axes 0 (see :meth:`encode`)."""
         proj = self.feature_projection()
         if proj is not None:
-            mean, p = (t.to(z.dtype) for t in proj)
+            mean, p = (t.to(z.device, z.dtype) for t in proj)
             z = mean + (z - mean) @ p
         return torch.where(self.active_mask, z, torch.zeros((), dtype=z.dtype))  # +0.0, not -0.0
 
