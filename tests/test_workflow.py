@@ -108,7 +108,15 @@ def test_dims_in_use_says_what_to_change():
     model = MEVAE(preset("tiny", image_size=32))
     assert "not measured" in workflow.dims_in_use(model)
     model.latent_variance.copy_(torch.tensor([0.5, 0.2] + [0.0] * 6))
-    assert workflow.dims_in_use(model).startswith("latent dimensions in use: 2 of 8")
+    assert workflow.dims_in_use(model).startswith("latent dimensions in use: 2 of 8 (")
+    # the two axes carry one signal between them: the line says so
+    v = torch.tensor([0.8, 0.6] + [0.0] * 6)
+    model.latent_covariance.copy_(0.5 * torch.outer(v, v))
+    model.latent_mean.zero_()
+    assert workflow.dims_in_use(model).startswith(
+        "latent dimensions in use: 2 of 8, varying in 1 independent direction ("
+    )
+    model.latent_covariance.fill_(float("nan"))
     model.latent_variance.copy_(torch.tensor([0.5] + [0.0] * 7))
     model.config.beta = 0.0625
     one = workflow.dims_in_use(model, workflow.GUI_NAMES)

@@ -382,7 +382,12 @@ def dims_in_use(model: MEVAE, names: dict[str, str] = CLI_NAMES) -> str:
         return "latent dimensions in use: not measured (the model has not trained yet)"
     n, latent = model.n_active, model.config.latent_dim
     if n >= min(2, latent):
-        return f"latent dimensions in use: {n} of {latent} (the others are 0 in the encodings)"
+        d = model.n_directions
+        varying = "" if d is None else f", varying in {d} independent direction{'s' * (d != 1)}"
+        return (
+            f"latent dimensions in use: {n} of {latent}{varying} (the others are 0 in the "
+            "encodings)"
+        )
     size = model.config.image_size
     balanced = kl_weight("mevae", size)
     if model.config.beta > balanced * 1.01:

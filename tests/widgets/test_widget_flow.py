@@ -60,6 +60,17 @@ def test_full_flow(extracted, qtbot, tmp_path, notes):
     assert TRAIN_RECON_LAYER in viewer.layers
     assert "1 epoch(s) trained" in widget.model_panel.status.text()
     assert f"({s.model.n_active} in use" in widget.model_panel.status.text()
+    # two axes in use that carry one signal between them: the tab says both numbers
+    saved = {k: t.clone() for k, t in s.model.state_dict().items() if k.startswith("latent_")}
+    v = torch.zeros(8)
+    v[:2] = torch.tensor([0.6, 0.8])
+    s.model.latent_variance.copy_(torch.tensor([0.36, 0.64] + [0.0] * 6))
+    s.model.latent_covariance.copy_(torch.outer(v, v))
+    s.model.latent_mean.zero_()
+    widget.model_panel._describe_model()
+    assert "latent 8 (2 in use, 1 direction)" in widget.model_panel.status.text()
+    s.model.load_state_dict({**s.model.state_dict(), **saved})
+    widget.model_panel._describe_model()
 
     # encode -> reconstruct -> UMAP -> cluster (chained workers)
     a = widget.analyse_panel

@@ -277,7 +277,9 @@ class ModelPanel(Panel):
         cfg = model.config
         done = len([h for h in self.session.history if not h.get("partial")])
         nuis = ", ".join(cfg.nuisances) or "none"
-        used = f" ({model.n_active} in use)" if model.activity_measured else ""
+        d = model.n_directions
+        directions = "" if d is None else f", {d} direction{'s' * (d != 1)}"
+        used = f" ({model.n_active} in use{directions})" if model.activity_measured else ""
         source = f" - {self.session.model_source}" if self.session.model_source else ""
         text = (
             f"Model: {model_kind(cfg)}, K={cfg.n_encoders} ({nuis}), latent {cfg.latent_dim}"
