@@ -136,6 +136,12 @@ def test_features_keep_only_the_directions_in_use():
     # no direction above the threshold (a barely trained model): the axis rule alone
     _measure(model, mean, cov * 1e-4)
     assert model.feature_projection() is None and torch.equal(model.encode(x), raw)
+    # no axis in use, though together they vary in one direction above the threshold: the
+    # features stay whole, as documented for a model that uses no dimension yet
+    u = torch.full((8,), 8**-0.5)
+    _measure(model, mean, 0.05 * torch.outer(u, u))
+    assert model.n_active == 0 and model.feature_projection() is None
+    assert torch.equal(model.encode(x), raw)
 
 
 def test_checkpoints_from_before_the_directions_load_unmeasured():

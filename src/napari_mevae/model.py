@@ -161,12 +161,15 @@ class MEVAE(nn.Module):
 
         Axes in use can carry one signal between them; what the features hold beside it is
         residue 1,000-fold smaller (nuisance included) that no distance sees but a linear probe
-        that standardises every axis reads.  None while not measured, or when no direction is
-        in use.  Computed on the CPU in float64 (MPS has neither), returned on the CPU."""
+        that standardises every axis reads.  None while not measured, while no axis is in use
+        (the features then stay whole, as :attr:`active_mask` keeps them), or when no direction
+        is in use.  Computed on the CPU in float64 (MPS has neither), returned on the CPU."""
         cov, mean = self.latent_covariance.cpu(), self.latent_mean.cpu()
         if not bool(torch.isfinite(cov).all()) or not bool(torch.isfinite(mean).all()):
             return None
-        axes = torch.nonzero(self.active_mask.cpu()).flatten()
+        axes = torch.nonzero(self.latent_variance.cpu() >= ACTIVE_VARIANCE).flatten()
+        if len(axes) == 0:
+            return None
         values, vectors = torch.linalg.eigh(cov[axes][:, axes].double())
         kept = vectors[:, values >= ACTIVE_VARIANCE]
         if kept.shape[1] == 0:
