@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from napari_mevae.config import ACTIVE_VARIANCE, MEVAEConfig, model_kind, preset, size_scaled_beta
-from napari_mevae.model import MEVAE, count_parameters
+from napari_mevae.model import FUSION_START, MEVAE, count_parameters
 
 
 def test_reference_preset_has_published_parameter_count():
@@ -77,6 +77,28 @@ def test_encode_is_deterministic_product_of_means_and_sampling_is_optional():
     assert torch.allclose(a, means[0] * means[1] * means[2])
     s1, s2 = model.encode(x, sample=True), model.encode(x, sample=True)
     assert not torch.equal(s1, s2)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_an_untrained_mevae_starts_off_the_saddle_of_the_product(k):
+    """Freshly initialised means near 0 multiply to ~0, and so do their gradients: an ME-VAE
+    could train its whole budget without a dimension in use.  Means start at FUSION_START."""
+    torch.manual_seed(0)
+    model = MEVAE(preset("tiny", n_encoders=k))
+    cells = torch.rand(64, 1, 1, 32, 32).expand(-1, k, -1, -1, -1)
+    means, _ = model.encode_all(cells)
+    assert torch.allclose(means.mean((1, 2)), torch.full((k,), FUSION_START), atol=0.1)
+    fused = model.fuse(means)
+    # the product's spread over cells is the encoders' spreads times FUSION_START ** (K - 1),
+    # not their product (near 0 * 0 it would be ~1000x smaller)
+    spread = float(means.std(1).mean()) * FUSION_START ** (k - 1)
+    assert float(fused.std(0).mean()) > 0.5 * spread
+    fused.pow(2).sum().backward()
+    grad = model.encoders[0].mean.weight.grad.abs().mean()
+    assert float(grad) > 0.1 * float(model.encoders[0].mean.weight.abs().mean())
+    # a VAE keeps PyTorch's initialisation: nothing to multiply
+    vae = MEVAE(preset("tiny", n_encoders=1))
+    assert float(vae.encode_all(cells[:, :1])[0].mean().abs()) < 0.2
 
 
 def test_unused_latent_dimensions_are_zero_in_the_features():

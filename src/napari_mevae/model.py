@@ -120,6 +120,12 @@ def deconv_bias_apart(layer: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tenso
     return y.add_(layer.bias.to(y.dtype).view(1, -1, 1, 1))
 
 
+#: where an ME-VAE's encoder means start (the bias of their last layer).  At PyTorch's ~0 the
+#: product fusion sits on its saddle; 0.5 and 1 both leave it (docs/benchmarks.md, "The product's
+#: saddle"); 1 gave the product heavier tails, and k-means on two demo seeds of six split a class
+FUSION_START = 0.5
+
+
 class MEVAE(nn.Module):
     """Multi-encoder VAE.  ``forward`` takes ``(B, K, C, S, S)`` inputs, one slot per encoder."""
 
@@ -128,6 +134,14 @@ class MEVAE(nn.Module):
         config.validate()
         self.config = config
         self.encoders = nn.ModuleList(Encoder(config) for _ in range(config.n_encoders))
+        if config.n_encoders > 1:
+            # The product fusion has a saddle at 0: each encoder's gradient is the product of
+            # the others' means, and freshly initialised means are all near 0, so a run could
+            # spend its whole budget there and end with no dimension in use.  Starting every
+            # encoder's means at FUSION_START lets each encoder's reading through from the
+            # first step; the KL prior then pulls the dimensions the cells do not need to 0.
+            for encoder in self.encoders:
+                nn.init.constant_(encoder.mean.bias, FUSION_START)
         self.decoder = Decoder(config)
         # variance over the training cells of each fused latent mean, measured by the trainer
         # during the last epoch; NaN = not measured (untrained)
