@@ -1,12 +1,12 @@
 """Where an ME-VAE's encoder means start, and what it does to the latent space it ends with.
 
     python benchmarks/diagnostics/saddle.py --cells demo --seed 3 --start 0   # before
-    python benchmarks/diagnostics/saddle.py --cells demo --seed 3             # now (start 1)
+    python benchmarks/diagnostics/saddle.py --cells demo --seed 3             # now (model.FUSION_START)
     python benchmarks/diagnostics/saddle.py --cells continuous --seed 0 [--start 0]
 
 The product fusion has a saddle at 0: with every encoder's means near 0 (PyTorch's
 initialisation) the product and each encoder's gradient start near 0.  ``--start`` sets the
-encoders' mean bias before training (the package starts it at ``model.FUSION_START`` = 1).
+encoders' mean bias before training (the package starts it at ``model.FUSION_START``, 0.5).
 
 Cells: ``demo`` = what ``mevae demo --seed S`` trains on (12 synthetic fields of 50 cells, 2
 channels, 32 px crops that fit the cell, 480 to train, 120 held out); ``continuous`` = canonical
@@ -31,9 +31,10 @@ from scipy import ndimage
 
 from napari_mevae import workflow
 from napari_mevae.analysis import encode
-from napari_mevae.config import ACTIVE_VARIANCE, CropSettings, TrainOptions
+from napari_mevae.config import TrainOptions
+from napari_mevae.demo import demo_cells
 from napari_mevae.evaluation import invariance_report
-from napari_mevae.synthetic import _render, make_synthetic_cells
+from napari_mevae.synthetic import _render
 from napari_mevae.training import Trainer
 
 FACTORS = ("elongation", "nucleus", "spots", "brightness")
@@ -63,19 +64,6 @@ def continuous_crops(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarr
     return crops, classes, factors
 
 
-def demo_crops(seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The cells ``mevae demo --seed S`` trains on and measures, with their classes."""
-    crops, truth = [], []
-    for f in range(12):
-        syn = make_synthetic_cells(n_cells=50, shape=(384, 384), channels=2, seed=seed + f)
-        cells = workflow.crop_cells(
-            syn.image, syn.labels, CropSettings(size=32, channel_axis=0, scale="fit")
-        )
-        crops.append(cells.crops)
-        truth += [syn.classes[int(label)] for label in cells.kept["label"]]
-    return np.concatenate(crops)[:600], np.asarray(truth[:600])
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cells", choices=("demo", "continuous"), default="demo")
@@ -85,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     factors = None
     if a.cells == "demo":
-        crops, truth = demo_crops(a.seed)
+        crops, _, truth, _ = demo_cells(seed=a.seed)
         train, test, classes = crops[:480], crops[480:], truth[480:]
     else:
         train, _, _ = continuous_crops(480, 32, a.seed)
@@ -108,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     trace = []
     for rep in trainer.run():
         if rep.kind == "epoch" and rep.epoch % 8 == 1:
-            trace.append(f"{rep.epoch}:{int((model.latent_variance >= ACTIVE_VARIANCE).sum())}")
+            trace.append(f"{rep.epoch}:{model.n_active}")
     seconds = time.time() - t0
     print("epoch:dimensions in use", " ".join(trace), flush=True)
     report = invariance_report(model, test, classes=classes, seed=a.seed)

@@ -9,13 +9,53 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from .synthetic import SyntheticCells
+
+
+#: cells per synthetic field of the demo
+PER_FIELD = 50
 
 
 def _say(verbose: int, text: str) -> None:
     if verbose > 0:
         print(text, file=sys.stderr, flush=True)
+
+
+def demo_cells(
+    n_cells: int = 600, size: int = 32, seed: int = 0
+) -> tuple[np.ndarray, pd.DataFrame, np.ndarray, SyntheticCells]:
+    """The cells the demo trains on and measures: ``(crops, table, true classes, first
+    field)``.  Synthetic fields of PER_FIELD cells (seeds ``seed``, ``seed + 1``, ...), cropped
+    to fit the cell at ``size`` px; the table's ``plane`` is the field.  Kept apart so that
+    diagnostics measure the very cells ``mevae demo`` does."""
+    import pandas as pd
+
+    from . import workflow
+    from .config import CropSettings
+    from .synthetic import make_synthetic_cells
+
+    settings = CropSettings(size=size, channel_axis=0, scale="fit")
+    crops, tables, truth, first = [], [], [], None
+    for f in range(max(1, -(-n_cells // PER_FIELD))):
+        syn = make_synthetic_cells(n_cells=PER_FIELD, shape=(384, 384), channels=2, seed=seed + f)
+        if first is None:
+            first = syn
+        cells = workflow.crop_cells(syn.image, syn.labels, settings)
+        kept = cells.kept.copy()
+        kept["plane"] = f  # one "plane" per synthetic field
+        crops.append(cells.crops)
+        tables.append(kept)
+        truth += [syn.classes[int(lbl)] for lbl in kept["label"]]
+    crops_arr = np.concatenate(crops)[:n_cells]
+    table = pd.concat(tables, ignore_index=True).iloc[: len(crops_arr)]
+    return crops_arr, table, np.asarray(truth[: len(crops_arr)]), first
 
 
 def run_demo(
@@ -40,40 +80,24 @@ def run_demo(
     on seed 0, with NMI 0.67.
 
     ``beta`` defaults to the KL-weight rule of :func:`napari_mevae.config.kl_weight`."""
-    import pandas as pd
     import tifffile
     from tqdm.auto import tqdm
 
     from . import workflow
     from .analysis import encode, export_features_csv, features_table, reconstruct
-    from .config import CropSettings, TrainOptions
+    from .config import TrainOptions
     from .evaluation import invariance_report
     from .figures import montage, save_png, save_umap_plot, to_display
-    from .synthetic import make_synthetic_cells
     from .training import Trainer
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    per_field = 50
-    fields = max(1, -(-n_cells // per_field))
-    crops, tables, truth = [], [], []
-    settings = CropSettings(size=size, channel_axis=0, scale="fit")
-    _say(verbose, f"1/4 making {fields} synthetic field(s) of {per_field} cells and cropping them")
-    for f in range(fields):
-        syn = make_synthetic_cells(n_cells=per_field, shape=(384, 384), channels=2, seed=seed + f)
-        if f == 0:
-            tifffile.imwrite(out / "cells_image.tif", syn.image)
-            tifffile.imwrite(out / "cells_labels.tif", syn.labels)
-        cells = workflow.crop_cells(syn.image, syn.labels, settings)
-        kept = cells.kept.copy()
-        kept["plane"] = f  # one "plane" per synthetic field
-        crops.append(cells.crops)
-        tables.append(kept)
-        truth += [syn.classes[int(lbl)] for lbl in kept["label"]]
-    crops_arr = np.concatenate(crops)[:n_cells]
-    table = pd.concat(tables, ignore_index=True).iloc[: len(crops_arr)]
-    truth_arr = np.asarray(truth[: len(crops_arr)])
-    class_names = syn.class_names
+    fields = max(1, -(-n_cells // PER_FIELD))
+    _say(verbose, f"1/4 making {fields} synthetic field(s) of {PER_FIELD} cells and cropping them")
+    crops_arr, table, truth_arr, first = demo_cells(n_cells, size, seed)
+    tifffile.imwrite(out / "cells_image.tif", first.image)
+    tifffile.imwrite(out / "cells_labels.tif", first.labels)
+    class_names = first.class_names
 
     nuisances = ["rotation", "polarity"]
     cfg = workflow.build_config(

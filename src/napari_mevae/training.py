@@ -377,8 +377,8 @@ class Trainer:
             terms["invariance"] = (out.means - means2.float()).pow(2).sum(-1).mean()
             terms["loss"] = terms["loss"] + self.invariance_weight * terms["invariance"]
         # sum and sum of products of the fused means: which latent directions are in use (in
-        # float64: the means start near 1, and a variance read from E[z^2] - E[z]^2 in float32
-        # would lose the small ones; MPS has no float64)
+        # float64: the fused means start near FUSION_START ** K, and a variance read from
+        # E[z^2] - E[z]^2 in float32 would lose the small ones; MPS has no float64)
         fused = MEVAE.fuse(out.means.detach())
         fused = fused.float() if fused.device.type == "mps" else fused.double()
         terms["latent_moments"] = torch.cat([fused.sum(0), (fused.T @ fused).flatten()])
