@@ -284,19 +284,13 @@ PRECISIONS = ("auto", "float32", "bf16", "fp16")
 
 
 #: The default training budget, counted in images seen (optimizer steps x batch size), since
-#: "epochs" means little when a data set has 40 or 40,000 cells: 100 passes over the data, but
-#: at least the floor (the napari sample's 40 cells get 1,000 epochs: a few hundred steps teach a
-#: model nothing) and at most the cap (huge screens).  On LINCS (1,500 cells) the ME-VAE's
-#: loss still falls after 30 passes, and by 100 it keeps more of the cell in 3 of 4 runs
-#: (content kept by neighbours 0.82-0.90, against 0.73-0.76).  docs/benchmarks.md, "Defaults
-#: that learn".
-BUDGET_PASSES = 100
+#: "epochs" means little when a data set has 40 or 40,000 cells: 30 passes over the data, but at
+#: least the floor (the napari sample's 40 cells get 1,000 epochs: a few hundred steps teach a
+#: model nothing) and at most the cap (huge screens).  docs/benchmarks.md, "Default budget".
+BUDGET_PASSES = 30
 BUDGET_IMAGES = (40_000, 400_000)
-#: early stopping waits at least this many images without improvement (or ``patience`` epochs),
-#: and at least this fraction of the run: the loss under fresh nuisances is noisy and still
-#: falls slowly late in a run (LINCS: patience 8 stopped runs at epoch 56 of 100)
+#: early stopping waits at least this many images without improvement (or ``patience`` epochs)
 PATIENCE_IMAGES = 5_000
-PATIENCE_FRACTION = 0.2
 
 
 def default_epochs(n_items: int) -> int:
@@ -346,14 +340,9 @@ def estimate_seconds(
     return 5.0 + images * flops / (FLOPS_PER_CORE * max(1, threads))
 
 
-def patience_epochs(patience: int, n_items: int, epochs: int = 0) -> int:
-    """Epochs without improvement before early stopping: ``patience``, or more on small sets
-    and long runs (:data:`PATIENCE_IMAGES`, :data:`PATIENCE_FRACTION` of ``epochs``)."""
-    return max(
-        int(patience),
-        math.ceil(PATIENCE_IMAGES / max(1, int(n_items))),
-        math.ceil(PATIENCE_FRACTION * max(0, int(epochs))),
-    )
+def patience_epochs(patience: int, n_items: int) -> int:
+    """Epochs without improvement before early stopping: ``patience``, or more on small sets."""
+    return max(int(patience), math.ceil(PATIENCE_IMAGES / max(1, int(n_items))))
 
 
 @dataclass

@@ -177,9 +177,8 @@ class Trainer:
         n = len(dataset)  # type: ignore[arg-type]
         #: epochs of this run (the default budget unless options.epochs says otherwise)
         self.epochs = self.options.epochs if self.options.epochs is not None else default_epochs(n)
-        #: epochs without improvement before early stopping (more than ``patience`` on small sets
-        #: and long runs)
-        self.patience = patience_epochs(self.options.patience, n, self.epochs)
+        #: epochs without improvement before early stopping (more than ``patience`` on small sets)
+        self.patience = patience_epochs(self.options.patience, n)
         self._optimizer: torch.optim.Optimizer | None = None  # made at the first step
         self._resume_optimizer_state = resume.optimizer_state if resume is not None else None
         self.start_epoch = 0

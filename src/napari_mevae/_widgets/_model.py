@@ -115,7 +115,7 @@ class ModelPanel(Panel):
         self.epochs.setRange(0, 100_000)
         self.epochs.setSpecialValueText("auto")  # 0: the default budget for these cells
         self.epochs.setToolTip(
-            "auto: a budget that fits the cells (100 passes, but at least 40,000 and at most "
+            "auto: a budget that fits the cells (30 passes, but at least 40,000 and at most "
             "400,000 images seen)"
         )
         self.batch = QSpinBox()

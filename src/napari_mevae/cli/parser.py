@@ -165,7 +165,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         "--epochs",
         type=_int_in(0),
         default=None,
-        help="epochs (default: a budget that fits the data: 100 passes over it, but at least "
+        help="epochs (default: a budget that fits the data: 30 passes over it, but at least "
         "40,000 and at most 400,000 images seen)",
     )
     g.add_argument("--learn_rate", type=float, default=0.0005, help="RMSprop learning rate")
@@ -191,8 +191,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         "--patience",
         type=_int_in(1),
         default=8,
-        help="early-stopping patience in epochs (default 8; at least 5,000 images on small sets "
-        "and a fifth of the run)",
+        help="early-stopping patience in epochs (default 8; at least 5,000 images on small sets)",
     )
     g.add_argument(
         "--verbose", type=int, default=1, help="0 = quiet, 1 = progress bars (default 1)"
