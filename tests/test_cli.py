@@ -109,6 +109,24 @@ def test_zero_epochs_into_a_new_folder_writes_the_untrained_run(lincs64, tmp_pat
     assert Image.open(out / "latent_walk_final.png").size == (10 * 33 + 1, 16 * 33 + 1)
 
 
+def test_train_says_when_the_loss_was_still_falling(lincs64, tmp_path, capsys):
+    """A run whose budget ends while the loss still falls (8 short epochs from scratch) ends
+    by saying that more --epochs may help; a run stopped before that (1 epoch) does not."""
+    out = tmp_path / "falling"
+    args = ["--save_dir", str(out), "--epochs", "8", *SMALL, "--verbose", "1"]
+    assert main(["train", *pair_args(lincs64), *args]) == 0
+    err = capsys.readouterr().err
+    log = pd.read_csv(out / "training.log", sep="\t")
+    losses = log["loss"].to_numpy()
+    fall = (losses[-4:-2].mean() - losses[-2:].mean()) / losses[-4:-2].mean()
+    said = re.search(r"note: the loss was still falling at the end \(([\d.]+) %", err)
+    assert fall > 0.02 and said is not None, (fall, err[-400:])  # 6.8 % on torch 2.13, bf16
+    assert abs(float(said.group(1)) - 100 * fall) < 0.06 and "more --epochs" in err
+    args = ["--save_dir", str(tmp_path / "one"), "--epochs", "1", *SMALL, "--verbose", "1"]
+    assert main(["train", *pair_args(lincs64), *args]) == 0
+    assert "still falling" not in capsys.readouterr().err
+
+
 def test_phase_load_encodes_without_retraining(trained, lincs64, tmp_path):
     out = tmp_path / "again"
     before = (trained / "models" / "checkpoint.pt").read_bytes()

@@ -99,6 +99,33 @@ def test_should_stop_ends_training_after_the_step(tmp_path):
     assert report.kind == "end" and report.reason == "stopped"
 
 
+def test_still_learning_says_when_more_epochs_may_help():
+    def history(losses, partial_last=False):
+        h = [{"epoch": i + 1, "loss": v} for i, v in enumerate(losses)]
+        if partial_last:
+            h.append({"epoch": len(h) + 1, "loss": 1.0, "partial": True})
+        return h
+
+    # LINCS after the default 30 passes: 65.8 -> 64.8 over the last two quarters (1.5 %)
+    falling = list(np.linspace(70.0, 64.8, 30))
+    hint = workflow.still_learning(history(falling))
+    assert hint is not None and "more --epochs" in hint
+    fall = (np.mean(falling[-14:-7]) - np.mean(falling[-7:])) / np.mean(falling[-14:-7])
+    assert f"{100 * fall:.1f} %" in hint
+    assert "more Epochs" in workflow.still_learning(history(falling), workflow.GUI_NAMES)
+    # a partial epoch (an interrupted run) does not count
+    assert workflow.still_learning(history(falling, partial_last=True)) == hint
+    # settled, and noisy around a plateau (0.3 % as the demo's last quarters): nothing to say
+    rng = np.random.default_rng(0)
+    assert workflow.still_learning(history([63.0] * 40)) is None
+    assert workflow.still_learning(history(list(63.0 + 0.2 * rng.standard_normal(40)))) is None
+    assert workflow.still_learning(history(list(np.linspace(64.0, 63.7, 80)))) is None
+    # too short to tell a trend from noise, or a loss that rose
+    assert workflow.still_learning(history([70.0, 60.0, 50.0, 40.0, 30.0, 20.0, 10.0])) is None
+    assert workflow.still_learning(history(list(np.linspace(60.0, 70.0, 30)))) is None
+    assert workflow.still_learning([]) is None
+
+
 def test_dims_in_use_says_what_to_change():
     import torch
 

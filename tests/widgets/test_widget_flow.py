@@ -70,6 +70,16 @@ def test_full_flow(extracted, qtbot, tmp_path, notes):
     widget.model_panel._describe_model()
     assert "latent 8 (2 in use, 1 direction)" in widget.model_panel.status.text()
     s.model.load_state_dict({**s.model.state_dict(), **saved})
+    # a run whose budget ended with the loss still falling: the tab says more epochs may help
+    history = s.history
+    s.history = [{"epoch": i + 1, "loss": 70.0 - 0.2 * i} for i in range(30)]
+    widget.model_panel._describe_model()
+    assert "Note: the loss was still falling at the end" in widget.model_panel.status.text()
+    assert "more Epochs" in widget.model_panel.status.text()
+    s.history = [{"epoch": i + 1, "loss": 63.0} for i in range(30)]
+    widget.model_panel._describe_model()
+    assert "still falling" not in widget.model_panel.status.text()
+    s.history = history
     widget.model_panel._describe_model()
 
     # encode -> reconstruct -> UMAP -> cluster (chained workers)

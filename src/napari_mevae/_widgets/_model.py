@@ -289,6 +289,9 @@ class ModelPanel(Panel):
         few = model.activity_measured and model.n_active < min(2, cfg.latent_dim)
         if few:  # say so where the user looks, with what to change
             text += " Warning: " + workflow.dims_in_use(model, workflow.GUI_NAMES) + "."
+        hint = workflow.still_learning(self.session.history, workflow.GUI_NAMES)
+        if hint:  # the budget ended while the model was still improving
+            text += " Note: " + hint + " ('train more' continues this model)."
         self.status.setText(text)
         self.status.setStyleSheet("color: #ffd27f;" if few else "")
 
