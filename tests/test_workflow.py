@@ -115,6 +115,9 @@ def test_still_learning_says_when_more_epochs_may_help():
     assert "more Epochs" in workflow.still_learning(history(falling), workflow.GUI_NAMES)
     # a partial epoch (an interrupted run) does not count
     assert workflow.still_learning(history(falling, partial_last=True)) == hint
+    # the same loss after an early stop: the trainer's own rule said it stopped improving
+    assert workflow.still_learning(history(falling), reason="done") == hint
+    assert workflow.still_learning(history(falling), reason="early_stop") is None
     # settled, and noisy around a plateau (0.3 % as the demo's last quarters): nothing to say
     rng = np.random.default_rng(0)
     assert workflow.still_learning(history([63.0] * 40)) is None

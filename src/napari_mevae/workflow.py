@@ -415,10 +415,16 @@ def dims_in_use(model: MEVAE, names: dict[str, str] = CLI_NAMES) -> str:
 STILL_LEARNING = 0.008
 
 
-def still_learning(history: list[dict], names: dict[str, str] = CLI_NAMES) -> str | None:
+def still_learning(
+    history: list[dict], names: dict[str, str] = CLI_NAMES, reason: str = ""
+) -> str | None:
     """A hint when the loss was still falling at the end of the run (None otherwise): the mean
     loss of the last quarter of the epochs against the quarter before.  Under fresh nuisances
-    the loss is noisy from epoch to epoch, so single epochs say little."""
+    the loss is noisy from epoch to epoch, so single epochs say little.  ``reason`` is why the
+    run ended (:class:`~napari_mevae.training.TrainReport`): after an early stop the loss had
+    stopped improving by the trainer's own rule, so there is nothing to say."""
+    if reason == "early_stop":
+        return None
     losses = [float(h["loss"]) for h in history if not h.get("partial")]
     q = len(losses) // 4
     if q < 2:

@@ -198,6 +198,8 @@ class ModelPanel(Panel):
         self.run: ChildRun | None = None
         self.last_options: TrainOptions | None = None
         self._run_type = ""
+        # why the last run here ended (TrainReport.reason); "" = unknown (a loaded checkpoint)
+        self._end_reason = ""
         self._run_dir = ""
         self._run_desc = ""
         self._run_start_epoch = 0
@@ -289,8 +291,8 @@ class ModelPanel(Panel):
         few = model.activity_measured and model.n_active < min(2, cfg.latent_dim)
         if few:  # say so where the user looks, with what to change
             text += " Warning: " + workflow.dims_in_use(model, workflow.GUI_NAMES) + "."
-        hint = workflow.still_learning(self.session.history, workflow.GUI_NAMES)
-        if hint:  # the budget ended while the model was still improving
+        hint = workflow.still_learning(self.session.history, workflow.GUI_NAMES, self._end_reason)
+        if hint:  # the run ended while the model was still improving
             text += " Note: " + hint + " ('train more' continues this model)."
         self.status.setText(text)
         self.status.setStyleSheet("color: #ffd27f;" if few else "")
@@ -351,6 +353,7 @@ class ModelPanel(Panel):
         self._steps = workflow.steps_per_epoch(n, options.batch_size)
         self.last_options = options
         self._run_type = model_type
+        self._end_reason = ""
         self.run = ChildRun(
             "napari_mevae.workflow:train_on_crops",
             crops,
@@ -433,6 +436,7 @@ class ModelPanel(Panel):
             self._show_reconstructions()
             ckpt = f" Checkpoint: {report.checkpoint}" if report.checkpoint else ""
             self.info(f"ME-VAE {report.message}.{ckpt}")
+            self._end_reason = report.reason
 
     def _show_reconstructions(self) -> None:
         """The preview cells beside their latest reconstructions."""
@@ -554,6 +558,7 @@ class ModelPanel(Panel):
         self._apply_config(ckpt.config, model_type)
         if not self._keep(str(path), f"loaded from {Path(path).name}", model_type):
             return False
+        self._end_reason = ""
         self.loss_plot.set_history(self.session.history)
         self.info(f"Model loaded from {ckpt.path}")
         return True

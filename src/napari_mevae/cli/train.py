@@ -138,8 +138,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                 elif rep.kind == "end":
                     _say(args, rep.message)
                     _say(args, workflow.dims_in_use(trainer.model_unwrapped))
-                    hint = workflow.still_learning(trainer.history)
-                    if hint and rep.reason == "done":
+                    hint = workflow.still_learning(trainer.history, reason=rep.reason)
+                    if hint:
                         _say(args, f"note: {hint}")
         except TrainingDiverged as err:
             raise InputError(str(err)) from err
