@@ -111,7 +111,7 @@ def test_zero_epochs_into_a_new_folder_writes_the_untrained_run(lincs64, tmp_pat
 
 def test_train_says_when_the_loss_was_still_falling(lincs64, tmp_path, capsys):
     """A run whose budget ends while the loss still falls (8 short epochs from scratch) ends
-    by saying that more --epochs may help; a run stopped before that (1 epoch) does not."""
+    by saying that more --epochs may help; a 1-epoch run is too short to tell, and does not."""
     out = tmp_path / "falling"
     args = ["--save_dir", str(out), "--epochs", "8", *SMALL, "--verbose", "1"]
     assert main(["train", *pair_args(lincs64), *args]) == 0

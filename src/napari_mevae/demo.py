@@ -28,6 +28,11 @@ def _say(verbose: int, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
+def _n_fields(n_cells: int) -> int:
+    """Synthetic fields of PER_FIELD cells needed for ``n_cells`` (at least one)."""
+    return max(1, -(-n_cells // PER_FIELD))
+
+
 def demo_cells(
     n_cells: int = 600, size: int = 32, seed: int = 0
 ) -> tuple[np.ndarray, pd.DataFrame, np.ndarray, SyntheticCells]:
@@ -43,7 +48,7 @@ def demo_cells(
 
     settings = CropSettings(size=size, channel_axis=0, scale="fit")
     crops, tables, truth, first = [], [], [], None
-    for f in range(max(1, -(-n_cells // PER_FIELD))):
+    for f in range(_n_fields(n_cells)):
         syn = make_synthetic_cells(n_cells=PER_FIELD, shape=(384, 384), channels=2, seed=seed + f)
         if first is None:
             first = syn
@@ -92,7 +97,7 @@ def run_demo(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    fields = max(1, -(-n_cells // PER_FIELD))
+    fields = _n_fields(n_cells)
     _say(verbose, f"1/4 making {fields} synthetic field(s) of {PER_FIELD} cells and cropping them")
     crops_arr, table, truth_arr, first = demo_cells(n_cells, size, seed)
     tifffile.imwrite(out / "cells_image.tif", first.image)
