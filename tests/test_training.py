@@ -214,6 +214,41 @@ def test_default_budget_counts_images_seen():
     assert trainer.epochs == 1250
 
 
+def test_the_default_budget_grows_while_the_loss_still_falls(monkeypatch):
+    import napari_mevae.training
+    from napari_mevae.config import max_budget_epochs
+
+    assert max_budget_epochs(40) == 1000  # the sample's floor is already more than 100 passes
+    assert max_budget_epochs(600) == 100 and max_budget_epochs(1500) == 100  # 100 passes
+    assert max_budget_epochs(20_000) == 20  # the cap (400,000 images) as for the budget
+
+    monkeypatch.setattr(napari_mevae.training, "default_epochs", lambda n: 9)
+    monkeypatch.setattr(napari_mevae.training, "max_budget_epochs", lambda n: 20)
+
+    def epochs_of(**kw):
+        opts = TrainOptions(batch_size=8, seed=0, earlystop=False, **kw)
+        trainer = Trainer(preset("tiny"), Blobs(n=16), opts)
+        reports = run_all(trainer)
+        return trainer, [r for r in reports if r.kind == "epoch"], reports[-1]
+
+    # a fresh model's loss still falls at the end of 9 epochs: it trains on, a third at a time
+    trainer, epochs, end = epochs_of()
+    grew = [r for r in epochs if r.message]
+    assert grew[0].epoch == 9 and grew[0].epochs == 12, [(r.epoch, r.epochs) for r in grew]
+    assert "still falling: training on to epoch 12 (at most 20)" in grew[0].message
+    assert 12 <= len(epochs) <= 20 and end.epoch == len(epochs) == len(trainer.history)
+    assert all(r.epochs == len(epochs) for r in [end, epochs[-1]])
+    # every growth came when the end-of-training note's rule said the loss was still falling
+    from napari_mevae.workflow import still_learning
+
+    for r in grew:
+        assert still_learning(trainer.history[: r.epoch]) is not None
+    # epochs given explicitly are exactly what runs; a flat loss stops at the budget
+    for kw in ({"epochs": 9}, {"learn_rate": 1e-12}):
+        _, epochs, end = epochs_of(**kw)
+        assert len(epochs) == 9 and end.epochs == 9 and not any(r.message for r in epochs), kw
+
+
 def test_kl_warmup_ramps_the_kl_weight_and_delays_early_stopping(plain_patience):
     cfg = preset("tiny", latent_dim=4, beta=2.0)
     # (without the invariance term, whose share of the loss the reports do not carry)

@@ -32,6 +32,7 @@ __all__ = [
     "TrainOptions",
     "TrainingDiverged",
     "default_epochs",
+    "max_budget_epochs",
     "kl_weight",
     "model_kind",
     "preset",
@@ -289,6 +290,11 @@ PRECISIONS = ("auto", "float32", "bf16", "fp16")
 #: model nothing) and at most the cap (huge screens).  docs/benchmarks.md, "Default budget".
 BUDGET_PASSES = 30
 BUDGET_IMAGES = (40_000, 400_000)
+#: while the loss still falls at the end of the default budget (:func:`workflow.still_learning`)
+#: training goes on, a third of the budget at a time, up to this many passes (within the same
+#: floor and cap): cells like LINCS keep learning for 100 passes, converged runs stop at 30.
+#: docs/benchmarks.md, "Training on while the loss still falls".
+BUDGET_MAX_PASSES = 100
 #: early stopping waits at least this many images without improvement (or ``patience`` epochs)
 PATIENCE_IMAGES = 5_000
 
@@ -298,6 +304,13 @@ def default_epochs(n_items: int) -> int:
     n = max(1, int(n_items))
     images = min(max(BUDGET_PASSES * n, BUDGET_IMAGES[0]), BUDGET_IMAGES[1])
     return max(1, round(images / n))
+
+
+def max_budget_epochs(n_items: int) -> int:
+    """The most epochs the default budget grows to while the loss still falls."""
+    n = max(1, int(n_items))
+    images = min(max(BUDGET_MAX_PASSES * n, BUDGET_IMAGES[0]), BUDGET_IMAGES[1])
+    return max(default_epochs(n), round(images / n))
 
 
 #: the invariance term's weight per pixel (TrainOptions.invariance): 10 at 32 px, 164 at 128 px

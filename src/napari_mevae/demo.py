@@ -121,11 +121,13 @@ def run_demo(
     trainer = Trainer(cfg, dataset, opts)
     _say(
         verbose,
-        f"2/4 training an ME-VAE (K={cfg.n_encoders}) on {n_train} cells for up to {trainer.epochs} epochs",
+        f"2/4 training an ME-VAE (K={cfg.n_encoders}) on {n_train} cells for {trainer.epochs} "
+        f"epochs (up to {trainer.max_epochs} while the loss still falls)",
     )
     bar = tqdm(total=trainer.epochs, unit="epoch", disable=verbose <= 0, file=sys.stderr)
     for rep in workflow.run_training(trainer, out / "training.log"):
         if rep.kind == "epoch":
+            bar.total = rep.epochs  # the budget grows while the loss still falls
             bar.update(1)
             bar.set_postfix(loss=f"{rep.loss:.1f}")
     bar.close()

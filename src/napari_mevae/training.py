@@ -7,6 +7,7 @@ closing the generator) and always leaves a usable model and, with a ``save_dir``
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import random
@@ -27,6 +28,7 @@ from .config import (
     TrainingDiverged,
     TrainOptions,
     default_epochs,
+    max_budget_epochs,
     patience_epochs,
 )
 from .model import MEVAE, VAEOutput
@@ -177,6 +179,9 @@ class Trainer:
         n = len(dataset)  # type: ignore[arg-type]
         #: epochs of this run (the default budget unless options.epochs says otherwise)
         self.epochs = self.options.epochs if self.options.epochs is not None else default_epochs(n)
+        #: the most epochs this run grows to while its loss still falls: the default budget
+        #: only; epochs given explicitly are exactly what runs
+        self.max_epochs = self.epochs if self.options.epochs is not None else max_budget_epochs(n)
         #: epochs without improvement before early stopping (more than ``patience`` on small sets)
         self.patience = patience_epochs(self.options.patience, n)
         self._optimizer: torch.optim.Optimizer | None = None  # made at the first step
@@ -406,7 +411,9 @@ class Trainer:
         last = dict(loss=math.nan, recon=math.nan, kl=math.nan, images_per_s=0.0)
         steps = 0
         try:
-            for epoch in range(self.start_epoch, total_epochs):
+            for epoch in itertools.count(self.start_epoch):
+                if epoch >= total_epochs:  # the budget can grow during the run
+                    break
                 if self._stop:
                     reason = "stopped"
                     break
@@ -487,6 +494,22 @@ class Trainer:
                 good_state = _copy_state(self.model)
                 ckpt = self.save(epoch + 1)
                 ips = seen / max(time.perf_counter() - t_epoch, 1e-9)
+                # early stopping counts full-weight epochs (after the KL warm-up) of a model
+                # that uses its latent space: a loss plateau before that is not the end
+                in_use = self.model_unwrapped.n_active >= min(
+                    2, model_config(self.model).latent_dim
+                )
+                early = False
+                if opts.earlystop and self.kl_ramp(epoch) >= 1.0 and in_use:
+                    if mean[0] < best - opts.min_delta:
+                        best, bad_epochs = float(mean[0]), 0
+                    else:
+                        bad_epochs += 1
+                        early = bad_epochs >= self.patience
+                grown = None
+                if not early and epoch + 1 == total_epochs:
+                    grown = self._grown_budget(total_epochs)
+                    total_epochs = grown or total_epochs
                 yield TrainReport(
                     "epoch",
                     epoch + 1,
@@ -498,20 +521,16 @@ class Trainer:
                     ips,
                     total_epochs,
                     checkpoint=str(ckpt or ""),
+                    message=(
+                        f"the loss is still falling: training on to epoch {total_epochs} (at "
+                        f"most {self.start_epoch + self.max_epochs})"
+                        if grown
+                        else ""
+                    ),
                 )
-                # early stopping counts full-weight epochs (after the KL warm-up) of a model
-                # that uses its latent space: a loss plateau before that is not the end
-                in_use = self.model_unwrapped.n_active >= min(
-                    2, model_config(self.model).latent_dim
-                )
-                if opts.earlystop and self.kl_ramp(epoch) >= 1.0 and in_use:
-                    if mean[0] < best - opts.min_delta:
-                        best, bad_epochs = float(mean[0]), 0
-                    else:
-                        bad_epochs += 1
-                        if bad_epochs >= self.patience:
-                            reason = "early_stop"
-                            break
+                if early:
+                    reason = "early_stop"
+                    break
                 if self._stop:
                     reason = "stopped"
                     break
@@ -544,6 +563,18 @@ class Trainer:
             **last,
         )
         return self._finish()
+
+    def _grown_budget(self, total: int) -> int | None:
+        """The run's new last epoch when its budget grows (None when it does not): by a third
+        of the budget while the loss still falls by :func:`workflow.still_learning`'s rule, up
+        to :attr:`max_epochs`.  Where the loss has flattened the default budget is all that runs.
+        """
+        from .workflow import still_learning
+
+        run = total - self.start_epoch
+        if run >= self.max_epochs or still_learning(self.history) is None:
+            return None
+        return self.start_epoch + min(self.max_epochs, run + max(1, self.epochs // 3))
 
     def _finish(self) -> MEVAE:
         """Back to the default memory layout, so later encodings match a reloaded checkpoint

@@ -24,7 +24,7 @@ def _train(qtbot, widget, epochs: int = 1):
     return worker
 
 
-def test_full_flow(extracted, qtbot, tmp_path, notes):
+def test_full_flow(extracted, qtbot, tmp_path, notes, monkeypatch):
     viewer, widget = extracted
     s = widget.session
     n = len(s.cells.crops)
@@ -80,6 +80,26 @@ def test_full_flow(extracted, qtbot, tmp_path, notes):
     widget.model_panel._describe_model()
     assert "still falling" not in widget.model_panel.status.text()
     s.history = history
+    widget.model_panel._describe_model()
+    # the budget shown before training says how far it can grow while the loss still falls
+    m = widget.model_panel
+    epochs_set = m.epochs.value()
+    m.epochs.setValue(0)  # auto: the default budget
+    assert "trains on" not in m.budget.text()  # small sets: the floor is more than 100 passes
+    with monkeypatch.context() as mp:
+        mp.setattr("napari_mevae._widgets._model.max_budget_epochs", lambda n: 4000)
+        m._show_budget()
+        assert "While the loss still falls it trains on, up to 4,000 epochs" in m.budget.text()
+    m.epochs.setValue(epochs_set)
+    # a budget that grew during the run widens the progress bar; the status says why
+    from napari_mevae.training import TrainReport
+
+    m._run_start_epoch, m._epochs, m._steps = 0, 9, 2
+    m.progress.setRange(0, 18)
+    msg = "the loss is still falling: training on to epoch 12 (at most 20)"
+    m._on_report(TrainReport("epoch", 9, 0, 2, 60.0, 59.0, 1.0, 100.0, 12, message=msg))
+    assert m.progress.maximum() == 24 and m.progress.value() == 18
+    assert "Epoch 9/12" in m.status.text() and msg in m.status.text()
     widget.model_panel._describe_model()
 
     # encode -> reconstruct -> UMAP -> cluster (chained workers)

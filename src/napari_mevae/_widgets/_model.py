@@ -39,6 +39,7 @@ from ..config import (
     TrainOptions,
     default_epochs,
     estimate_seconds,
+    max_budget_epochs,
     model_kind,
     size_scaled_beta,
 )
@@ -260,10 +261,18 @@ class ModelPanel(Panel):
         cfg = workflow.build_config(
             kind, image_size=size, channels=c, nuisances=nuisances, latent_dim=self.latent.value()
         )
-        secs = estimate_seconds(cfg, images, workflow.background_threads())
+        threads = workflow.background_threads()
+        secs = estimate_seconds(cfg, images, threads)
+        most = 0 if self.epochs.value() else max_budget_epochs(n)
+        more = (
+            f" While the loss still falls it trains on, up to {most:,} epochs (about "
+            f"{_duration(estimate_seconds(cfg, most * n, threads))})."
+            if most > epochs
+            else ""
+        )
         self.budget.setText(
             f"Budget: {epochs:,} epochs of {n:,} cells = {steps:,} steps, {images:,} images "
-            f"seen; about {_duration(secs)} on this computer's CPU (estimated)."
+            f"seen; about {_duration(secs)} on this computer's CPU (estimated).{more}"
         )
 
     def _type_changed(self, text: str) -> None:
@@ -338,8 +347,9 @@ class ModelPanel(Panel):
                 return None
         self._run_dir = self.autosave.text().strip() or tempfile.mkdtemp(dir=self._scratch)
         threads = workflow.background_threads()
+        budget = self.epochs.value() or default_epochs(n)
         options = TrainOptions(
-            epochs=self.epochs.value() or default_epochs(n),
+            epochs=self.epochs.value() or None,  # None: the default budget, which can grow
             batch_size=self.batch.value(),
             learn_rate=self.lr.value(),
             device=self.device.currentText(),
@@ -369,7 +379,7 @@ class ModelPanel(Panel):
             _stream,
             self.run,
             options.device,
-            _progress={"total": 2 + options.epochs * (self._steps + 1), "desc": "ME-VAE: training"},
+            _progress={"total": 2 + budget * (self._steps + 1), "desc": "ME-VAE: training"},
             _start_thread=False,
             _connect={"errored": self._on_error},
         )
@@ -379,7 +389,7 @@ class ModelPanel(Panel):
         self._worker = worker
         if resume is None:
             self.loss_plot.clear()
-        self.progress.setRange(0, options.epochs * self._steps)
+        self.progress.setRange(0, budget * self._steps)
         self.progress.setValue(0)
         self.begin()
         self.status.setText("Training: starting the training process...")
@@ -421,14 +431,18 @@ class ModelPanel(Panel):
                 f"({report.images_per_s:.0f} cells/s on {self._run_desc}{eta})"
             )
         elif report.kind == "epoch":
+            if report.epochs - self._run_start_epoch > self._epochs:  # the budget grew
+                self._epochs = report.epochs - self._run_start_epoch
+                self.progress.setRange(0, max(1, self._epochs * self._steps))
             self.progress.setValue(min(self.progress.maximum(), done_steps))
             self.loss_plot.add_epoch(report.epoch, report.loss)
             if report.preview is not None:
                 self._pending = report  # shown at a human rate, and at the end
             if time.monotonic() - self._last_shown >= 2.0:
                 self._show_reconstructions()
+            grew = f"; {report.message}" if report.message else ""
             self.status.setText(
-                f"Epoch {report.epoch}/{report.epochs}: mean loss {report.loss:.2f}"
+                f"Epoch {report.epoch}/{report.epochs}: mean loss {report.loss:.2f}{grew}"
             )
         elif report.kind == "end":
             self.progress.setValue(self.progress.maximum())

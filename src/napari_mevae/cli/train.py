@@ -135,6 +135,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                         f"epoch {rep.epoch}/{rep.epochs}  loss {rep.loss:.3f}  (recon "
                         f"{rep.recon:.3f}, KL {rep.kl:.3f})  {rep.images_per_s:.0f} images/s",
                     )
+                    if rep.message:  # the default budget grew: the loss is still falling
+                        _say(args, rep.message)
                 elif rep.kind == "end":
                     _say(args, rep.message)
                     _say(args, workflow.dims_in_use(trainer.model_unwrapped))
