@@ -409,9 +409,9 @@ def dims_in_use(model: MEVAE, names: dict[str, str] = CLI_NAMES) -> str:
     return f"latent dimensions in use: {what}. Try: {hint}"
 
 
-#: the loss's fall over the last quarter of a run, relative, above which training ends by
-#: saying more epochs may help: LINCS after the default 30 passes fell 1.0-1.8 % (and 100
-#: passes kept more of the cell in 3 runs of 4), `mevae demo` 0.2-0.5 %
+#: the loss's fall over the last quarter of a run, relative, above which the default budget
+#: grows (training.Trainer) and a run that ends still falling says more epochs may help: LINCS
+#: after 30 passes fell 1.0-1.8 % (and 100 passes kept more of the cell), `mevae demo` 0.2-0.5 %
 STILL_LEARNING = 0.008
 
 

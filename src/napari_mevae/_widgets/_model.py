@@ -117,7 +117,7 @@ class ModelPanel(Panel):
         self.epochs.setSpecialValueText("auto")  # 0: the default budget for these cells
         self.epochs.setToolTip(
             "auto: a budget that fits the cells (30 passes, but at least 40,000 and at most "
-            "400,000 images seen)"
+            "400,000 images seen), going on while the loss still falls, up to 100 passes"
         )
         self.batch = QSpinBox()
         self.batch.setRange(1, 4096)

@@ -166,7 +166,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         type=_int_in(0),
         default=None,
         help="epochs (default: a budget that fits the data: 30 passes over it, but at least "
-        "40,000 and at most 400,000 images seen)",
+        "40,000 and at most 400,000 images seen, going on while the loss still falls, up to 100 "
+        "passes; given, exactly that many run)",
     )
     g.add_argument("--learn_rate", type=float, default=0.0005, help="RMSprop learning rate")
     g.add_argument(
