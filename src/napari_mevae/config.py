@@ -299,18 +299,21 @@ BUDGET_MAX_PASSES = 100
 PATIENCE_IMAGES = 5_000
 
 
+def _budget_epochs(n_items: int, passes: int) -> int:
+    """Epochs of ``passes`` over ``n_items`` cells, within the floor and cap of images seen."""
+    n = max(1, int(n_items))
+    images = min(max(passes * n, BUDGET_IMAGES[0]), BUDGET_IMAGES[1])
+    return max(1, round(images / n))
+
+
 def default_epochs(n_items: int) -> int:
     """Epochs of the default budget for a training set of ``n_items`` cells."""
-    n = max(1, int(n_items))
-    images = min(max(BUDGET_PASSES * n, BUDGET_IMAGES[0]), BUDGET_IMAGES[1])
-    return max(1, round(images / n))
+    return _budget_epochs(n_items, BUDGET_PASSES)
 
 
 def max_budget_epochs(n_items: int) -> int:
     """The most epochs the default budget grows to while the loss still falls."""
-    n = max(1, int(n_items))
-    images = min(max(BUDGET_MAX_PASSES * n, BUDGET_IMAGES[0]), BUDGET_IMAGES[1])
-    return max(default_epochs(n), round(images / n))
+    return max(default_epochs(n_items), _budget_epochs(n_items, BUDGET_MAX_PASSES))
 
 
 #: the invariance term's weight per pixel (TrainOptions.invariance): 10 at 32 px, 164 at 128 px

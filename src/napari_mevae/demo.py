@@ -122,7 +122,12 @@ def run_demo(
     _say(
         verbose,
         f"2/4 training an ME-VAE (K={cfg.n_encoders}) on {n_train} cells for {trainer.epochs} "
-        f"epochs (up to {trainer.max_epochs} while the loss still falls)",
+        "epochs"
+        + (
+            f" (up to {trainer.max_epochs} while the loss still falls)"
+            if trainer.max_epochs > trainer.epochs
+            else ""
+        ),
     )
     bar = tqdm(total=trainer.epochs, unit="epoch", disable=verbose <= 0, file=sys.stderr)
     for rep in workflow.run_training(trainer, out / "training.log"):
