@@ -92,14 +92,26 @@ def test_full_flow(extracted, qtbot, tmp_path, notes, monkeypatch):
         assert "While the loss still falls it trains on, up to 4,000 epochs" in m.budget.text()
     m.epochs.setValue(epochs_set)
     # a budget that grew during the run widens the progress bar; the status says why
+    from napari.utils import progress
+
     from napari_mevae.training import TrainReport
 
     m._run_start_epoch, m._epochs, m._steps = 0, 9, 2
     m.progress.setRange(0, 18)
+    # napari's activity dock: one yield per step and one per epoch, 9 epochs + start and end
+    dock = progress(total=2 + 9 * 3)
+    m._worker = SimpleNamespace(pbar=dock)
     msg = "the loss is still falling: training on to epoch 12 (at most 20)"
     m._on_report(TrainReport("epoch", 9, 0, 2, 60.0, 59.0, 1.0, 100.0, 12, message=msg))
     assert m.progress.maximum() == 24 and m.progress.value() == 18
+    assert dock.total == 2 + 12 * 3  # the dock's total grew with the budget
     assert "Epoch 9/12" in m.status.text() and msg in m.status.text()
+    # the next steps' status still says why the run goes on past its first budget
+    m._last_status = 0.0
+    m._on_report(TrainReport("step", 9, 1, 2, 60.0, 59.0, 1.0, 100.0, 12))
+    assert "Epoch 10/12" in m.status.text() and "the budget grew" in m.status.text()
+    dock.close()
+    m._worker = None
     widget.model_panel._describe_model()
 
     # encode -> reconstruct -> UMAP -> cluster (chained workers)

@@ -201,6 +201,7 @@ class ModelPanel(Panel):
         self._run_type = ""
         # why the last run here ended (TrainReport.reason); "" = unknown (a loaded checkpoint)
         self._end_reason = ""
+        self._grew = ""  # the message of the last time the budget grew in this run
         self._run_dir = ""
         self._run_desc = ""
         self._run_start_epoch = 0
@@ -364,6 +365,7 @@ class ModelPanel(Panel):
         self.last_options = options
         self._run_type = model_type
         self._end_reason = ""
+        self._grew = ""
         self.run = ChildRun(
             "napari_mevae.workflow:train_on_crops",
             crops,
@@ -425,15 +427,23 @@ class ModelPanel(Panel):
             self.progress.setValue(min(self.progress.maximum(), done_steps))
             left = (self.progress.maximum() - done_steps) * self.batch.value()
             eta = f", {_duration(left / report.images_per_s)} left" if report.images_per_s else ""
+            grew = " The loss is still falling: the budget grew." if self._grew else ""
             self.status.setText(
                 f"Epoch {report.epoch + 1}/{report.epochs}, step {report.step}/"
                 f"{report.steps_per_epoch}: loss {report.loss:.2f} "
-                f"({report.images_per_s:.0f} cells/s on {self._run_desc}{eta})"
+                f"({report.images_per_s:.0f} cells/s on {self._run_desc}{eta}).{grew}"
             )
         elif report.kind == "epoch":
             if report.epochs - self._run_start_epoch > self._epochs:  # the budget grew
-                self._epochs = report.epochs - self._run_start_epoch
+                grown = report.epochs - self._run_start_epoch - self._epochs
+                self._epochs += grown
                 self.progress.setRange(0, max(1, self._epochs * self._steps))
+                # napari's activity dock too (one yield per step and one per epoch), or its
+                # bar would run past its total and turn indeterminate
+                pbar = getattr(self._worker, "pbar", None)
+                if pbar is not None and pbar.total:
+                    pbar.total += grown * (self._steps + 1)
+                self._grew = report.message
             self.progress.setValue(min(self.progress.maximum(), done_steps))
             self.loss_plot.add_epoch(report.epoch, report.loss)
             if report.preview is not None:
