@@ -19,10 +19,12 @@ from napari_mevae.checkpoints import save_checkpoint
 from napari_mevae.cli import main
 from napari_mevae.config import MEVAEConfig, TrainOptions, preset
 from napari_mevae.evaluation import (
+    DESCRIPTORS,
     angle_leakage,
     cell_descriptors,
     cluster_agreement,
     content_kept,
+    content_kept_by_descriptor,
     discrete_leakage,
     encoder_nuisances,
     feature_directions,
@@ -107,6 +109,24 @@ def test_cell_descriptors_are_pose_invariant_and_content_kept_detects_informatio
     assert content_kept(rng.normal(size=(120, 8)), crops) < 0.1
 
 
+def test_content_kept_by_descriptor_names_what_the_features_leave_out():
+    """Features holding one descriptor: that one is kept fully, the ones it does not
+    correlate with hardly at all; their mean is ``content_kept``; channels are averaged."""
+    crops, _ = synthetic_crops(n=150, size=32, seed=0)
+    d = cell_descriptors(crops)
+    assert d.shape[1] == len(DESCRIPTORS)
+    noise = np.random.default_rng(0).normal(size=(150, 2))
+    feats = np.column_stack([d[:, DESCRIPTORS.index("elongation")], noise])
+    per = content_kept_by_descriptor(feats, crops)
+    assert list(per) == list(DESCRIPTORS)
+    assert per["elongation"] > 0.95
+    assert max(v for k, v in per.items() if k != "elongation") < 0.4
+    assert np.mean(list(per.values())) == pytest.approx(content_kept(feats, crops), abs=0.02)
+    # two channels: the second a copy of the first, so each descriptor's mean is unchanged
+    per2 = content_kept_by_descriptor(feats, np.concatenate([crops, crops], axis=1))
+    assert per2 == pytest.approx(per, abs=1e-6)
+
+
 def test_neighbour_content_kept_reads_the_geometry_the_features_have():
     """Descriptors hidden in a low-variance dimension beside a dominant nuisance are still
     readable by the linear probe, but a cell's nearest neighbours are then pose-mates, not
@@ -135,6 +155,11 @@ REPORT_KEYS = {  # what the README and invariance_report's docstring document
     "paired_rotation_leakage",
     "paired_polarity_leakage",
     "content_kept",
+    "content_kept_mean_intensity",
+    "content_kept_area",
+    "content_kept_radius_of_gyration",
+    "content_kept_elongation",
+    "content_kept_intensity_spread",
     "paired_content_kept",
     "neighbour_content_kept",
     "paired_neighbour_content_kept",
