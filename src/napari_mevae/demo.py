@@ -93,6 +93,7 @@ def run_demo(
     from .config import TrainOptions
     from .evaluation import invariance_report
     from .figures import montage, save_png, save_umap_plot, to_display
+    from .outputs import atomic_write
     from .training import Trainer
 
     out = Path(out)
@@ -100,8 +101,9 @@ def run_demo(
     fields = _n_fields(n_cells)
     _say(verbose, f"1/4 making {fields} synthetic field(s) of {PER_FIELD} cells and cropping them")
     crops_arr, table, truth_arr, first = demo_cells(n_cells, size, seed)
-    tifffile.imwrite(out / "cells_image.tif", first.image)
-    tifffile.imwrite(out / "cells_labels.tif", first.labels)
+    for name, arr in (("cells_image.tif", first.image), ("cells_labels.tif", first.labels)):
+        with atomic_write(out / name, "wb") as fh:  # every output whole or absent
+            tifffile.imwrite(fh, arr)
     class_names = first.class_names
 
     nuisances = ["rotation", "polarity"]
@@ -157,7 +159,8 @@ def run_demo(
     _say(verbose, "4/4 measuring what is left of rotation and polarity on held-out cells")
     report = invariance_report(model, crops_arr[n_train:], classes=truth_arr[n_train:], seed=seed)
     report["epochs"] = float(len(trainer.history))  # epochs trained (early stopping)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    with atomic_write(out / "report.json") as fh:
+        fh.write(json.dumps(report, indent=2) + "\n")
     _say(
         verbose,
         f"done: {out}/features.csv, reconstructions.png (odd columns input, even columns "

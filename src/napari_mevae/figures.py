@@ -52,10 +52,13 @@ def save_png(path: str | os.PathLike, image: np.ndarray) -> Path:
     """Save a float image in [0, 1] (grey or RGB) as 8-bit PNG."""
     from PIL import Image
 
+    from .outputs import atomic_write
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arr = np.round(np.clip(np.nan_to_num(image), 0, 1) * 255).astype(np.uint8)
-    Image.fromarray(arr).save(path)
+    with atomic_write(path, "wb") as fh:  # never a half-written PNG, Ctrl-C included
+        Image.fromarray(arr).save(fh, format="PNG")
     return path
 
 
@@ -106,7 +109,10 @@ def save_umap_plot(
         handles, labels = sc.legend_elements()
         ax.legend(handles, labels, title=name, fontsize=7, title_fontsize=8, loc="best")
     fig.tight_layout()
+    from .outputs import atomic_write
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    with atomic_write(path, "wb") as fh:
+        fig.savefig(fh, format="png")
     return path

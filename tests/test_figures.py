@@ -1,0 +1,45 @@
+"""figures: the PNGs `mevae train` and `mevae demo` write are whole or absent."""
+
+import errno
+
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+from PIL import Image
+
+from napari_mevae.figures import save_png, save_umap_plot
+
+
+def test_a_failed_png_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
+    path = tmp_path / "reconstructions.png"
+    save_png(path, np.linspace(0, 1, 32 * 48).reshape(32, 48))
+    before = path.read_bytes()
+    assert Image.open(path).size == (48, 32)
+
+    def half_then_full(self, fh, *args, **kwargs):
+        fh.write(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", half_then_full)
+    with pytest.raises(OSError):
+        save_png(path, np.zeros((8, 8)))
+    assert path.read_bytes() == before  # the earlier picture, not half of the new one
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left beside it
+
+
+def test_a_failed_umap_plot_write_leaves_no_file(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    emb, clusters = rng.normal(size=(30, 2)), np.repeat([1, 2, 3], 10)
+    path = tmp_path / "umap_clusters.png"
+    save_umap_plot(path, emb, clusters)
+    assert Image.open(path).size[0] > 100
+    path.unlink()
+
+    def half_then_full(self, fh, *args, **kwargs):
+        fh.write(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", half_then_full)
+    with pytest.raises(OSError):
+        save_umap_plot(path, emb, clusters)
+    assert list(tmp_path.iterdir()) == []  # neither the plot nor a temporary file
