@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .outputs import atomic_write
+
 __all__ = ["montage", "to_display", "save_png", "save_grid", "save_latent_walk", "save_umap_plot"]
 
 
@@ -52,10 +54,7 @@ def save_png(path: str | os.PathLike, image: np.ndarray) -> Path:
     """Save a float image in [0, 1] (grey or RGB) as 8-bit PNG."""
     from PIL import Image
 
-    from .outputs import atomic_write
-
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arr = np.round(np.clip(np.nan_to_num(image), 0, 1) * 255).astype(np.uint8)
     with atomic_write(path, "wb") as fh:  # never a half-written PNG, Ctrl-C included
         Image.fromarray(arr).save(fh, format="PNG")
@@ -109,10 +108,7 @@ def save_umap_plot(
         handles, labels = sc.legend_elements()
         ax.legend(handles, labels, title=name, fontsize=7, title_fontsize=8, loc="best")
     fig.tight_layout()
-    from .outputs import atomic_write
-
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path, "wb") as fh:
         fig.savefig(fh, format="png")
     return path

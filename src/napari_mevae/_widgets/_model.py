@@ -201,7 +201,7 @@ class ModelPanel(Panel):
         self._run_type = ""
         # why the last run here ended (TrainReport.reason); "" = unknown (a loaded checkpoint)
         self._end_reason = ""
-        self._grew = ""  # the message of the last time the budget grew in this run
+        self._budget_grew = False  # in this run, while the loss still fell
         self._run_dir = ""
         self._run_desc = ""
         self._run_start_epoch = 0
@@ -365,7 +365,7 @@ class ModelPanel(Panel):
         self.last_options = options
         self._run_type = model_type
         self._end_reason = ""
-        self._grew = ""
+        self._budget_grew = False
         self.run = ChildRun(
             "napari_mevae.workflow:train_on_crops",
             crops,
@@ -427,7 +427,7 @@ class ModelPanel(Panel):
             self.progress.setValue(min(self.progress.maximum(), done_steps))
             left = (self.progress.maximum() - done_steps) * self.batch.value()
             eta = f", {_duration(left / report.images_per_s)} left" if report.images_per_s else ""
-            grew = " The loss is still falling: the budget grew." if self._grew else ""
+            grew = " The loss is still falling: the budget grew." if self._budget_grew else ""
             self.status.setText(
                 f"Epoch {report.epoch + 1}/{report.epochs}, step {report.step}/"
                 f"{report.steps_per_epoch}: loss {report.loss:.2f} "
@@ -443,7 +443,7 @@ class ModelPanel(Panel):
                 pbar = getattr(self._worker, "pbar", None)
                 if pbar is not None and pbar.total:
                     pbar.total += grown * (self._steps + 1)
-                self._grew = report.message
+                self._budget_grew = True
             self.progress.setValue(min(self.progress.maximum(), done_steps))
             self.loss_plot.add_epoch(report.epoch, report.loss)
             if report.preview is not None:
