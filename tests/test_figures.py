@@ -7,7 +7,7 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
-from napari_mevae.figures import save_png, save_umap_plot
+from napari_mevae.figures import montage, save_grid, save_png, save_umap_plot
 
 
 def test_a_failed_png_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
@@ -43,3 +43,25 @@ def test_a_failed_umap_plot_write_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_umap_plot(path, emb, clusters)
     assert list(tmp_path.iterdir()) == []  # neither the plot nor a temporary file
+
+
+def test_a_failed_tiff_grid_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
+    import tifffile
+
+    path = tmp_path / "recon_images_final1.tif"
+    cells = np.full((4, 1, 8, 8), 0.5, np.float32)
+    save_grid(path, cells, n=4, ncols=2)
+    before = path.read_bytes()
+    grid = tifffile.imread(path)
+    expected = np.round(np.clip(montage(cells, ncols=2), 0, 1) * 255).astype(np.uint8)
+    assert grid.shape == (19, 19) and np.array_equal(grid, expected.reshape(grid.shape))
+
+    def half_then_fail(fh, *args, **kwargs):
+        fh.write(b"II*\x00half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tifffile, "imwrite", half_then_fail)
+    with pytest.raises(OSError):
+        save_grid(path, np.zeros((4, 1, 8, 8), np.float32), n=4, ncols=2)
+    assert path.read_bytes() == before
+    assert list(tmp_path.iterdir()) == [path]

@@ -69,7 +69,8 @@ def save_grid(path: str | os.PathLike, images: np.ndarray, n: int = 64, ncols: i
         import tifffile
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        tifffile.imwrite(path, np.round(np.clip(grid, 0, 1) * 255).astype(np.uint8))
+        with atomic_write(path, "wb") as fh:  # whole or absent, as the PNGs
+            tifffile.imwrite(fh, np.round(np.clip(grid, 0, 1) * 255).astype(np.uint8))
         return path
     return save_png(path, grid)
 
