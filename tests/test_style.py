@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("args", [["check"], ["format", "--check"]])
 def test_ruff(args):
     proc = subprocess.run(
-        [sys.executable, "-m", "ruff", *args, "src", "tests", "benchmarks", "docs"],
+        [sys.executable, "-m", "ruff", *args, "src", "tests", "benchmarks", "docs", "README.md"],
         cwd=REPO,
         capture_output=True,
         text=True,
