@@ -85,6 +85,11 @@ def test_whole_table_written_as_csv_and_parquet(two_fields, tmp_path):
     back = pd.read_parquet(pq)
     assert back["label"].tolist() == whole["label"].tolist()
     assert back["cluster"].fillna(0).tolist() == whole["cluster"].astype(float).fillna(0).tolist()
+    # integers with the skipped cells missing (not floats), as `mevae features` writes them
+    assert str(back["cluster"].dtype) == "Int64" and back["cluster"].isna().sum() == len(
+        cells.skipped
+    )
+    assert whole["cluster"].dtype == "category"  # the caller's table is left as it was
     assert np.allclose(back["z1"].dropna(), 1.0)
 
 

@@ -224,12 +224,17 @@ def whole_table(
 
 
 def write_table(df: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write ``df`` completely or not at all: Parquet when ``path`` ends in ``.parquet``
-    (cluster stays a categorical), CSV otherwise."""
+    """Write ``df`` completely or not at all: Parquet when ``path`` ends in ``.parquet``, CSV
+    otherwise.  Parquet does not keep a categorical of integers (pyarrow writes plain numbers,
+    read back as floats when a cell has no cluster), so ``cluster`` is written as nullable
+    integers (Int64), as ``mevae features`` writes it; ``.astype("category")`` after reading
+    makes it the layer's categorical again."""
     from .outputs import atomic_write
 
     path = Path(path)
     if path.suffix.lower() == ".parquet":
+        if "cluster" in df and isinstance(df["cluster"].dtype, pd.CategoricalDtype):
+            df = df.assign(cluster=pd.array(np.asarray(df["cluster"], dtype=float), "Int64"))
         with atomic_write(path, "wb") as fh:
             df.to_parquet(fh, index=False)
     else:
