@@ -243,3 +243,36 @@ def test_training_benchmark_refuses_a_device_it_cannot_use(capsys):
     with pytest.raises(SystemExit):
         bench_training.main(["--device", "cuda", "--no-write"])
     assert "only cpu, or cuda on a machine with a CUDA GPU" in capsys.readouterr().err
+
+
+def test_lincs_defaults_table_compares_the_me_vae_with_the_vae():
+    bench = import_module("bench_lincs_defaults")
+    row = dict.fromkeys(bench.KEYS, 0.0)
+    rows = [
+        {
+            **row,
+            "model": m,
+            "size": 48,
+            "seed": s,
+            "epochs": 100,
+            "ended": "budget",
+            "loss": 137.1,
+            "train_s": 300.0,
+            "content_kept": c,
+            "neighbour_content_kept": n,
+            "paired_polarity_leakage": leak,
+        }  # fmt: skip
+        for m, s, c, n, leak in (
+            ("mevae", 1, 0.90, 0.88, 0.01),
+            ("mevae", 2, 0.92, 0.86, 0.03),
+            ("vae", 1, 0.89, 0.70, 0.77),
+        )
+    ]
+    text = bench.table(rows)
+    assert text.count("\n| ME-VAE | 48 |") == 2 and text.count("\n| VAE | 48 |") == 1
+    assert "| 100 (budget) | 137.1 | 300 |" in text
+    summary = bench.summary(rows)
+    # means over seeds, ranges, and the ME-VAE's largest leakage (not the VAE's 0.77)
+    assert "ME-VAE 0.91 (0.90-0.92) against the VAE's 0.89 (0.89-0.89)" in summary
+    assert "by neighbours 0.87 against 0.70" in summary
+    assert summary.endswith("largest leakage 0.03.")
