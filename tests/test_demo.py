@@ -26,6 +26,8 @@ def test_demo_writes_every_promised_file(tmp_path):
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["nmi"] == report["nmi"] and 0 <= saved["nmi"] <= 1
     assert 0 <= saved["paired_polarity_leakage"] <= 1
+    # measured on as many cells again from fields never trained on, not on the 12 held out
+    assert saved["n_cells"] == 60
     table = pd.read_csv(tmp_path / "features.csv")
     assert len(table) == 60
     z = table[[f"z{i}" for i in range(8)]].to_numpy()
