@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 KEYS = (
     "model_active_dims",
     "feature_directions",
@@ -43,15 +42,10 @@ KEYS = (
 
 
 def mevae(log: Path, *args: object) -> float:
-    """``mevae ARGS`` in a process of its own on one thread; its wall-clock seconds."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    start = time.perf_counter()
-    argv = [sys.executable, "-m", "napari_mevae", *map(str, args)]
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env)
-    log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
-    if proc.returncode != 0:
-        sys.exit(f"mevae {args[0]} failed ({proc.returncode}); see {log}")
-    return time.perf_counter() - start
+    """``mevae ARGS`` in a process of its own on one thread (fig2's runner); its seconds."""
+    from fig2 import run_cli
+
+    return run_cli([str(a) for a in args], log, ONE_THREAD)[0]
 
 
 def run_one(work: Path, train: Path, test: Path, model: str, size: int, seed: int) -> dict:

@@ -146,10 +146,15 @@ def train_args(kind: str, train: Path, save: Path, a: argparse.Namespace) -> lis
 EPOCH_RE = re.compile(r"epoch (\d+)/(\d+)\s+loss ([\d.]+).*?(\d+) images/s")
 
 
-def run_cli(argv: list[str], log: Path) -> tuple[float, str]:
+def run_cli(argv: list[str], log: Path, env: dict[str, str] | None = None) -> tuple[float, str]:
+    """``mevae ARGV`` in a process of its own (``env``: extra environment variables): output to
+    ``log``, one line on a failure; returns (wall-clock seconds, output)."""
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "napari_mevae", *argv], capture_output=True, text=True
+        [sys.executable, "-m", "napari_mevae", *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env} if env else None,
     )
     wall = time.perf_counter() - start
     log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)

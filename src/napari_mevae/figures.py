@@ -68,7 +68,6 @@ def save_grid(path: str | os.PathLike, images: np.ndarray, n: int = 64, ncols: i
     if path.suffix.lower() in (".tif", ".tiff"):
         import tifffile
 
-        path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(path, "wb") as fh:  # whole or absent, as the PNGs
             tifffile.imwrite(fh, np.round(np.clip(grid, 0, 1) * 255).astype(np.uint8))
         return path
