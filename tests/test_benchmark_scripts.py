@@ -276,3 +276,16 @@ def test_lincs_defaults_table_compares_the_me_vae_with_the_vae():
     assert "ME-VAE 0.91 (0.90-0.92) against the VAE's 0.89 (0.89-0.89)" in summary
     assert "by neighbours 0.87 against 0.70" in summary
     assert summary.endswith("largest leakage 0.03.")
+
+
+def test_train_overhead_benchmark_counts_checkpoints_and_previews(capsys):
+    """Shrunk to 3 epochs: the "before" run writes a checkpoint and a preview after every epoch
+    and at the end, the default run after the first epoch and at the end."""
+    bench = import_module("bench_train_overhead")
+    assert bench.main(["--epochs", "3", "--no-write"]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| every epoch")]
+    before = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert before[1:2] + before[3:4] + before[5:6] == ["3", "4", "4"]
+    now = bench.train_once(3, every_epoch=False)
+    assert (now["epochs"], now["checkpoints"], now["previews"]) == (3, 2, 2)
+    assert now["MB written"] > 0 and now["seconds"] > 0

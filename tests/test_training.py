@@ -162,6 +162,65 @@ def test_nan_loss_stops_with_clear_message_and_keeps_last_good_weights(tmp_path)
     assert ck.epoch == 1 and all(torch.isfinite(v).all() for v in ck.model_state.values())
 
 
+def _count_saves(monkeypatch) -> list[int]:
+    """The epochs of every checkpoint the trainer writes."""
+    import napari_mevae.training as training
+
+    saved: list[int] = []
+    real = training.save_checkpoint
+
+    def counting(path, model, optimizer, epoch, **kw):
+        saved.append(epoch)
+        return real(path, model, optimizer, epoch=epoch, **kw)
+
+    monkeypatch.setattr(training, "save_checkpoint", counting)
+    return saved
+
+
+def test_checkpoints_are_written_at_most_every_checkpoint_seconds(tmp_path, monkeypatch):
+    """After the first epoch, then once CHECKPOINT_SECONDS have passed, and at the end: the
+    napari sample's 1,000 short epochs wrote 1,000 checkpoints of 7 MB."""
+    import napari_mevae.training as training
+
+    saved = _count_saves(monkeypatch)
+    monkeypatch.setattr(training, "CHECKPOINT_SECONDS", 1e9)
+    opts = TrainOptions(epochs=4, batch_size=8, seed=0, save_dir=tmp_path)
+    reports = run_all(Trainer(preset("tiny"), Blobs(), opts))
+    epochs = [r for r in reports if r.kind == "epoch"]
+    assert [bool(r.checkpoint) for r in epochs] == [True, False, False, False]
+    assert saved == [1, 4]  # the first epoch and the end
+    assert reports[-1].checkpoint == str(tmp_path / "models" / "checkpoint.pt")
+    ck = load_checkpoint(tmp_path)
+    assert ck.epoch == 4 and len(ck.history) == 4
+    saved.clear()
+    monkeypatch.setattr(training, "CHECKPOINT_SECONDS", 0.0)
+    run_all(Trainer(preset("tiny"), Blobs(), opts))
+    assert saved == [1, 2, 3, 4, 4]  # every epoch, as before, and the end
+
+
+def test_a_diverged_run_saves_its_last_good_weights_not_an_older_checkpoint(tmp_path, monkeypatch):
+    import napari_mevae.training as training
+
+    saved = _count_saves(monkeypatch)
+    monkeypatch.setattr(training, "CHECKPOINT_SECONDS", 1e9)
+    ds = Blobs()
+    opts = TrainOptions(epochs=4, batch_size=8, seed=0, save_dir=tmp_path)
+    trainer = Trainer(preset("tiny"), ds, opts)
+    gen = trainer.run()
+    for r in gen:
+        if r.kind == "epoch" and r.epoch == 2:
+            break
+    assert saved == [1]  # epoch 2 was not saved: too soon after epoch 1
+    good = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    ds.inputs[:] = np.nan
+    with pytest.raises(TrainingDiverged, match="last good weights were kept \\(checkpoint"):
+        list(gen)
+    assert saved == [1, 2]
+    ck = load_checkpoint(tmp_path)
+    assert ck.epoch == 2 and len(ck.history) == 2
+    assert all(torch.equal(good[k].cpu(), ck.model_state[k]) for k in good)
+
+
 @pytest.fixture
 def plain_patience(monkeypatch):
     """Early stopping as the options say, every dimension counted as in use: the rules that

@@ -137,15 +137,18 @@ def _swap_in(stage: Path, out: Path, old: list[Path]) -> None:
 
 
 class RunLog:
-    """``training.log`` of one run.  Appended to when resuming; otherwise written under a
-    temporary name and renamed over the old log with the run's first checkpoint (the first
-    epoch report comes after the trainer saved it), so log and checkpoint stay one run's."""
+    """``training.log`` of one run.  Appended to when resuming the checkpoint of epoch
+    ``start`` (rows of later epochs, logged after that checkpoint by a run that was killed, are
+    dropped first: they are trained again); otherwise written under a temporary name and
+    renamed over the old log with the run's first checkpoint (the first epoch report comes
+    after the trainer saved it), so log and checkpoint stay one run's."""
 
-    def __init__(self, path: Path, append: bool) -> None:
+    def __init__(self, path: Path, append: bool, start: int = 0) -> None:
         from .outputs import output_target
 
         self.path = output_target(path)
         self.append = append and self.path.exists()
+        self.start = start
         self.fh: Any = None
         self.tmp: Path | None = None
 
@@ -154,6 +157,7 @@ class RunLog:
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.append:
+            self._drop_rows_from(self.start)
             self.fh = open(self.path, "a")  # noqa: SIM115 (closed by close())
             return
         fd, tmp = tempfile.mkstemp(
@@ -164,6 +168,15 @@ class RunLog:
         self.fh = os.fdopen(fd, "w")
         self.fh.write("epoch\tloss\n")
         self.fh.flush()
+
+    def _drop_rows_from(self, epoch: int) -> None:
+        from .outputs import atomic_write
+
+        lines = self.path.read_text().splitlines(keepends=True)
+        keep = [ln for ln in lines if not _epoch_row_at_or_after(ln, epoch)]
+        if len(keep) < len(lines):
+            with atomic_write(self.path) as fh:
+                fh.writelines(keep)
 
     def row(self, epoch: int, loss: float) -> None:
         self.commit()
@@ -183,6 +196,11 @@ class RunLog:
         if self.tmp is not None:  # never committed: the older log stays
             self.tmp.unlink(missing_ok=True)
             self.tmp = None
+
+
+def _epoch_row_at_or_after(line: str, epoch: int) -> bool:
+    first = line.split("\t", 1)[0]
+    return first.isdigit() and int(first) >= epoch
 
 
 def _umask() -> int:

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .checkpoints import CHECKPOINT_NAME, Checkpoint, model_config, save_checkpoint, unwrap
 from .config import (
+    CHECKPOINT_SECONDS,
     REFERENCE_NUISANCES,
     CheckpointError,
     MEVAEConfig,
@@ -87,8 +88,10 @@ class TrainReport:
     epochs: int
     reason: str = ""
     message: str = ""
-    checkpoint: str = ""
-    preview: np.ndarray | None = None  # reconstructions of the preview cells (epoch reports)
+    checkpoint: str = ""  # written after this epoch ("" if not: see CHECKPOINT_SECONDS)
+    # reconstructions of the preview cells (:func:`workflow.run_training`, epoch and end
+    # reports, at most every PREVIEW_SECONDS)
+    preview: np.ndarray | None = None
 
     @property
     def progress(self) -> float:
@@ -214,6 +217,9 @@ class Trainer:
         )
         self._stop = False
         self.last_checkpoint: Path | None = None
+        # when (time.monotonic) and at which epoch this run last wrote its checkpoint
+        self._saved_at = -math.inf
+        self._saved_epoch: int | None = None
         #: True after Ctrl-C (KeyboardInterrupt) ended the run; the current weights were saved
         self.interrupted = False
         #: optimizer steps taken by this run
@@ -314,6 +320,7 @@ class Trainer:
             history=self.history,
             optimizer_state=None if self._optimizer else self._resume_optimizer_state,
         )
+        self._saved_at, self._saved_epoch = time.monotonic(), epoch
         return self.last_checkpoint
 
     def _loader(self, epoch: int) -> Iterable:
@@ -445,6 +452,9 @@ class Trainer:
                     )
                     if not math.isfinite(vals[0]):
                         self.model.load_state_dict(good_state)
+                        done = self._completed_epochs()
+                        if self._saved_epoch is not None and self._saved_epoch != done:
+                            self.save(done)  # the last good weights, not an older checkpoint
                         self._finish()
                         raise TrainingDiverged(
                             f"loss became {vals[0]} at epoch {epoch + 1}, step {step + 1}; "
@@ -492,7 +502,9 @@ class Trainer:
                 mean = sums / max(seen, 1)
                 self._record(epoch, mean, seen, t_epoch)
                 good_state = _copy_state(self.model)
-                ckpt = self.save(epoch + 1)
+                ckpt = None  # at most every CHECKPOINT_SECONDS: short epochs are many
+                if time.monotonic() - self._saved_at >= CHECKPOINT_SECONDS:
+                    ckpt = self.save(epoch + 1)
                 ips = seen / max(time.perf_counter() - t_epoch, 1e-9)
                 # early stopping counts full-weight epochs (after the KL warm-up) of a model
                 # that uses its latent space: a loss plateau before that is not the end

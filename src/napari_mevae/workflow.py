@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,6 +266,10 @@ def load_train_data(
 
 
 # -- training ----------------------------------------------------------------------------------
+#: reconstructions of the preview cells at most this often (seconds); napari shows them every 2 s
+PREVIEW_SECONDS = 1.0
+
+
 def run_training(
     trainer: Trainer,
     log_path: str | Path | None = None,
@@ -276,8 +281,10 @@ def run_training(
 
     The first report has kind ``start`` (its ``message`` says where and in what precision the
     run trains).  ``should_stop`` is polled after every step: True ends the run after that step,
-    keeping the model.  With ``preview`` cells, each epoch report carries their reconstructions
-    (``report.preview``).  Returns the trained model.
+    keeping the model.  With ``preview`` cells, an epoch report carries their reconstructions
+    (``report.preview``) when PREVIEW_SECONDS have passed since the last, and so does the end
+    report: a human rate, as the napari sample's epochs take a tenth of a second.  Returns the
+    trained model.
 
     The run's folders (``trainer.options.save_dir``, the log's) are locked while it runs
     (:class:`~napari_mevae.outputs.DirLock`): a second run into them fails at once.  A new
@@ -291,7 +298,8 @@ def run_training(
     locks: list[DirLock] = []
     from .runs import RunLog
 
-    log = RunLog(Path(log_path), append=trainer.start_epoch > 0) if log_path else None
+    start = trainer.start_epoch
+    log = RunLog(Path(log_path), append=start > 0, start=start) if log_path else None
     try:
         for folder in dict.fromkeys(f for f in folders if f is not None):
             locks.append(DirLock(folder, "training").acquire())
@@ -313,6 +321,7 @@ def run_training(
         )
         gen = trainer.run()
         ended = False
+        previewed = -math.inf
         try:
             while True:
                 try:
@@ -320,12 +329,15 @@ def run_training(
                 except StopIteration as stop:
                     ended = True
                     return stop.value
-                if report.kind == "epoch":
-                    if log is not None:
-                        log.row(report.epoch - 1, report.loss)
-                    if preview is not None and len(preview):
-                        report.preview = reconstruct(trainer.model_unwrapped, preview)
-                        trainer.model.train()
+                if report.kind == "epoch" and log is not None:
+                    log.row(report.epoch - 1, report.loss)
+                shown = report.kind == "end" or (
+                    report.kind == "epoch" and time.monotonic() - previewed >= PREVIEW_SECONDS
+                )
+                if shown and preview is not None and len(preview):
+                    report.preview = reconstruct(trainer.model_unwrapped, preview)
+                    trainer.model.train()
+                    previewed = time.monotonic()
                 yield report
                 if should_stop is not None and should_stop():
                     trainer.stop()
@@ -354,8 +366,8 @@ def train_on_crops(
     canonical crops with fresh nuisances (``config.nuisances``), or continue the checkpoint
     ``resume``; the napari widget runs this in its training process.
 
-    ``options.save_dir`` receives ``training.log`` and ``models/checkpoint.pt`` (every epoch,
-    and when the run stops).  Yields :func:`run_training`'s reports; returns the checkpoint's
+    ``options.save_dir`` receives ``training.log`` and ``models/checkpoint.pt`` (after the
+    first epoch, at most every CHECKPOINT_SECONDS, and when the run ends).  Yields :func:`run_training`'s reports; returns the checkpoint's
     path."""
     from .checkpoints import load_checkpoint
     from .training import Trainer
@@ -463,8 +475,6 @@ def encode_cells(
 def warm_up(*, should_stop: Callable[[], bool] | None = None) -> Generator[None, None, float]:
     """Import and compile what the analysis needs (torch, UMAP's numba code, scikit-learn) in
     this process, so the user's first UMAP does not wait for it; returns the seconds taken."""
-    import time
-
     from .analysis import cluster, run_umap
     from .model import MEVAE  # noqa: F401 (imports torch)
 

@@ -2,7 +2,7 @@
 the default training budget), the Train button. The model must use at least 4 latent
 dimensions (the sample's five phenotypes differ in nucleus size, spots, elongation and
 texture) and k-means with k = the number of true classes must find them (NMI >= 0.6).
-Trains the whole default budget (1,000 epochs of the sample's 40 cells): 1.5-2 minutes."""
+Trains the whole default budget (1,000 epochs of the sample's 40 cells): about 1.5 minutes."""
 
 from __future__ import annotations
 

@@ -31,6 +31,7 @@ from .. import workflow
 from ..child import ChildRun
 from ..config import (
     BETAVAE_FACTOR,
+    CHECKPOINT_SECONDS,
     MODEL_KINDS,
     NUISANCE_CHOICES,
     PRECISIONS,
@@ -50,7 +51,7 @@ from ._plots import LossPlot
 __all__ = ["TRAIN_RECON_LAYER", "ModelPanel"]
 
 TRAIN_RECON_LAYER = "ME-VAE reconstructions (training)"
-PREVIEW_CELLS = 8  # cells whose reconstructions are shown after every epoch
+PREVIEW_CELLS = 8  # cells whose reconstructions are shown while the model trains
 
 
 def _duration(seconds: float) -> str:
@@ -145,7 +146,9 @@ class ModelPanel(Panel):
             "Weights and loss always stay float32"
         )
         self.autosave = QLineEdit()
-        self.autosave.setPlaceholderText("optional folder: checkpoint every epoch and on stop")
+        self.autosave.setPlaceholderText(
+            f"optional folder: checkpoint every {CHECKPOINT_SECONDS:.0f} s and at the end"
+        )
         self.continue_chk = QCheckBox("train more (continue the current model)")
         self.continue_chk.setEnabled(False)
         self.train_btn = button("Train", self.train)
@@ -457,6 +460,8 @@ class ModelPanel(Panel):
         elif report.kind == "end":
             self.progress.setValue(self.progress.maximum())
             self.loss_plot.redraw(force=True)
+            if report.preview is not None:
+                self._pending = report  # the final model's reconstructions
             self._show_reconstructions()
             ckpt = f" Checkpoint: {report.checkpoint}" if report.checkpoint else ""
             self.info(f"ME-VAE {report.message}.{ckpt}")
@@ -485,8 +490,8 @@ class ModelPanel(Panel):
     def _on_error(self, err: Exception) -> None:
         self.error(f"Training failed: {err}")
         last = Path(self._run_dir) / "models" / "checkpoint.pt"
-        if self._run_dir and last.is_file():  # what the last finished epoch saved
-            self._keep(str(last), "the last epoch saved before the failure", self._run_type)
+        if self._run_dir and last.is_file():  # the last checkpoint (CHECKPOINT_SECONDS old at most)
+            self._keep(str(last), "the last checkpoint saved before the failure", self._run_type)
 
     def _on_finished(self) -> None:
         self._worker = None
