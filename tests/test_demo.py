@@ -36,6 +36,8 @@ def test_demo_writes_every_promised_file(tmp_path):
     # the KL weight follows the crop size, (32 / 128)**2, as in the Fig. 2 benchmark
     assert model.config.beta == 0.0625
     assert Image.open(tmp_path / "umap_clusters.png").size[0] > 100
+    # 32 px cells enlarged 3x to be seen: 8 columns of (32 + 1 px gap), one more gap, x 3
+    assert Image.open(tmp_path / "reconstructions.png").size == (3 * (8 * 33 + 1),) * 2
 
 
 @pytest.mark.slow

@@ -45,6 +45,39 @@ def test_a_failed_umap_plot_write_leaves_no_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # neither the plot nor a temporary file
 
 
+def test_umap_plot_names_the_classes_in_the_colours_of_their_clusters(tmp_path, monkeypatch):
+    """The true-class panel shows each class in the colour of the cluster that matches it
+    (here cluster 3 holds class 0, cluster 1 class 1, cluster 2 class 2 but for one cell), and
+    the classes by name."""
+    from matplotlib import colormaps
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(30, 2))
+    truth = np.repeat([0, 1, 2], 10)
+    clusters = np.repeat([3, 1, 2], 10)
+    clusters[-1] = 1
+    figs = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, fh, **kw: figs.append(self))
+    save_umap_plot(tmp_path / "u.png", emb, clusters, truth=truth, truth_names=["a", "b", "c"])
+    by_cluster, by_class = figs[0].axes
+    tab10 = colormaps["tab10"]
+
+    def colours(ax):
+        return {
+            text.get_text(): tuple(handle.get_facecolor()[0][:3])
+            for text, handle in zip(
+                ax.get_legend().get_texts(), ax.get_legend().legend_handles, strict=True
+            )
+        }
+
+    assert colours(by_cluster) == {str(c): tab10(c - 1)[:3] for c in (1, 2, 3)}
+    assert colours(by_class) == {"a": tab10(2)[:3], "b": tab10(0)[:3], "c": tab10(1)[:3]}
+    # the points too, not only the legend: class "c"'s ten cells are drawn in cluster 2's colour
+    c_points = by_class.collections[2]
+    assert len(c_points.get_offsets()) == 10
+    assert tuple(c_points.get_facecolor()[0][:3]) == tab10(1)[:3]
+
+
 def test_a_failed_tiff_grid_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
     import tifffile
 

@@ -156,8 +156,12 @@ def run_demo(
     pairs = np.empty((64, *to_display(crops_arr[:1]).shape[1:]), np.float32)
     pairs[0::2] = to_display(crops_arr[:32])
     pairs[1::2] = to_display(recon)
-    save_png(out / "reconstructions.png", montage(pairs, ncols=8))
-    save_umap_plot(out / "umap_clusters.png", embedding, clusters, truth=truth_arr)
+    grid = montage(pairs, ncols=8)
+    zoom = 3  # nearest-neighbour: a 32 px cell is too small to look at
+    save_png(out / "reconstructions.png", grid.repeat(zoom, axis=0).repeat(zoom, axis=1))
+    save_umap_plot(
+        out / "umap_clusters.png", embedding, clusters, truth=truth_arr, truth_names=class_names
+    )
 
     _say(verbose, "4/4 measuring what is left of rotation and polarity on held-out cells")
     # as many cells again, from fields the model never saw (seeds from seed + REPORT_SEED): on

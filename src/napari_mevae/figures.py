@@ -82,31 +82,56 @@ def save_latent_walk(path: str | os.PathLike, walk: np.ndarray) -> Path:
     return save_png(path, montage(flat, ncols=steps))
 
 
+def _class_colours(clusters: np.ndarray, truth: np.ndarray) -> dict:
+    """Colour index of each true class: that of the cluster matched to it (the one-to-one
+    matching that agrees on the most cells), so the two panels show the same colour where the
+    clustering found a class; classes left over take colours after the clusters'."""
+    from scipy.optimize import linear_sum_assignment
+
+    ids, classes = np.unique(clusters), np.unique(truth)
+    table = np.array([[np.sum((truth == t) & (clusters == c)) for c in ids] for t in classes])
+    rows, cols = linear_sum_assignment(-table)
+    colours = {classes[r]: int(c) for r, c in zip(rows, cols, strict=True)}
+    spare = iter(range(len(ids), len(ids) + len(classes)))
+    return {t: colours[t] if t in colours else next(spare) for t in classes}
+
+
 def save_umap_plot(
     path: str | os.PathLike,
     embedding: np.ndarray,
     clusters: np.ndarray,
     title: str = "ME-VAE latent space (UMAP)",
     truth: np.ndarray | None = None,
+    truth_names: list[str] | None = None,
 ) -> Path:
-    """Scatter of the UMAP embedding coloured by cluster (and by true class when known)."""
+    """Scatter of the UMAP embedding coloured by cluster, and beside it by true class when
+    known (``truth_names[t]`` names class ``t`` in the legend), each class in the colour of
+    the cluster that matches it."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
+    from matplotlib import colormaps
     from matplotlib.figure import Figure
 
-    panels = 1 if truth is None else 2
-    fig = Figure(figsize=(5 * panels, 4.5), dpi=100)
-    for i, (values, name) in enumerate(
-        [(clusters, "cluster"), *([(truth, "true class")] if truth is not None else [])]
-    ):
-        ax = fig.add_subplot(1, panels, i + 1)
-        sc = ax.scatter(embedding[:, 0], embedding[:, 1], c=values, cmap="tab10", s=12, alpha=0.85)
+    clusters = np.asarray(clusters)
+    palette = colormaps["tab10"]
+    ids = np.unique(clusters)
+    panels = [("cluster", clusters, {c: i for i, c in enumerate(ids)}, str)]
+    if truth is not None:
+        truth = np.asarray(truth)
+        name = (lambda t: truth_names[int(t)]) if truth_names is not None else str
+        panels.append(("true class", truth, _class_colours(clusters, truth), name))
+    fig = Figure(figsize=(5 * len(panels), 4.5), dpi=100)
+    for i, (kind, values, colours, label) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for v in np.unique(values):
+            at = values == v
+            colour = palette(colours[v] % palette.N)
+            ax.scatter(*embedding[at, :2].T, color=colour, s=12, alpha=0.85, label=label(v))
         ax.set_xlabel("UMAP0")
         ax.set_ylabel("UMAP1")
-        ax.set_title(f"{title}\ncoloured by {name}", fontsize=10)
-        handles, labels = sc.legend_elements()
-        ax.legend(handles, labels, title=name, fontsize=7, title_fontsize=8, loc="best")
+        ax.set_title(f"{title}\ncoloured by {kind}", fontsize=10)
+        ax.legend(title=kind, fontsize=7, title_fontsize=8, loc="best")
     fig.tight_layout()
     path = Path(path)
     with atomic_write(path, "wb") as fh:
