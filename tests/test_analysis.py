@@ -269,3 +269,41 @@ def test_umap_of_many_cells_fits_a_subsample_and_places_the_rest():
     rest = np.setdiff1d(np.arange(300), fit)
     knn = KNeighborsClassifier(3).fit(emb[fit], truth[fit])
     assert (knn.predict(emb[rest]) == truth[rest]).mean() > 0.95
+
+
+_UMAP_IN_A_NEW_PROCESS = """
+import json
+import numpy as np
+import umap.umap_ as u
+from napari_mevae.analysis import run_umap
+
+x = np.random.default_rng(0).normal(size=(60, 4)).astype(np.float32)
+emb = run_umap(x)
+fns = (u.smooth_knn_dist, u.compute_membership_strengths)  # compiled at the first UMAP
+print(json.dumps({"emb": emb.tolist(),
+                  "hits": sum(sum(f.stats.cache_hits.values()) for f in fns),
+                  "misses": sum(sum(f.stats.cache_misses.values()) for f in fns)}))
+"""
+
+
+def test_umap_compiles_once_per_machine_not_once_per_process():
+    """UMAP's numba code (14-17 s to compile in every new process) is cached on disk: a
+    process after the first loads it instead of compiling, and embeds the cells alike.  The
+    first of the two processes compiles when nothing ran UMAP on this machine before."""
+    import json
+    import subprocess
+    import sys
+
+    runs = [
+        json.loads(
+            subprocess.run(
+                [sys.executable, "-c", _UMAP_IN_A_NEW_PROCESS],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.splitlines()[-1]
+        )
+        for _ in range(2)
+    ]
+    assert runs[1]["misses"] == 0 and runs[1]["hits"] == 2, runs[1]  # loaded, not compiled
+    np.testing.assert_allclose(runs[1]["emb"], runs[0]["emb"], rtol=1e-5, atol=1e-5)

@@ -289,3 +289,10 @@ def test_train_overhead_benchmark_counts_checkpoints_and_previews(capsys):
     now = bench.train_once(3, every_epoch=False)
     assert (now["epochs"], now["checkpoints"], now["previews"]) == (3, 2, 2)
     assert now["MB written"] > 0 and now["seconds"] > 0
+
+
+def test_umap_start_benchmark_times_a_new_process():
+    """One process of the benchmark's (the cached kind: a few seconds): its child script runs
+    and reports its time."""
+    bench = import_module("bench_umap_start")
+    assert bench.one("cached") > 0

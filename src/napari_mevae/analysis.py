@@ -25,6 +25,7 @@ __all__ = [
     "iter_encode_chunks",
     "encode",
     "reconstruct",
+    "import_umap",
     "run_umap",
     "cluster",
     "CLUSTER_METHODS",
@@ -224,6 +225,38 @@ def latent_walk(
     return torch.cat(parts).numpy().reshape(len(dims), steps, *parts[0].shape[1:])
 
 
+_NUMBA_CACHED: set[int] = set()
+
+
+def import_umap() -> Any:
+    """``umap`` (imported lazily: 3 s), with its numba functions caching their machine code on
+    disk, as ``@numba.njit(cache=True)`` would.  UMAP compiles 14-17 s of numba code in every
+    new process that runs it (``mevae demo``, ``mevae features --umap``, the napari Analyse
+    tab's process); with the cache only the first process on a machine does, later ones load
+    it in a tenth of a second.  numba keys its cache on the source files and the CPU, and
+    writes it beside the package (or in the user's cache folder, or NUMBA_CACHE_DIR); a
+    function it cannot cache, or a numba without this hook, compiles as before."""
+    import sys
+
+    import umap
+
+    try:
+        from numba.core.dispatcher import Dispatcher
+    except ImportError:  # pragma: no cover - umap needs numba
+        return umap
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith(("umap", "pynndescent")):
+            continue
+        for fn in list(vars(module).values()):
+            if isinstance(fn, Dispatcher) and id(fn) not in _NUMBA_CACHED:
+                _NUMBA_CACHED.add(id(fn))
+                try:
+                    fn.enable_caching()
+                except Exception:  # no writable cache folder, or the hook changed: compile
+                    continue
+    return umap
+
+
 def run_umap(
     latents: np.ndarray,
     n_neighbors: int = 15,
@@ -244,10 +277,9 @@ def run_umap(
         return out
     import warnings
 
-    import umap  # lazy: slow import
-
+    umap = import_umap()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # numba's, when a function cannot be cached, too
         reducer = umap.UMAP(
             n_neighbors=min(n_neighbors, n - 1, fit_max - 1),
             min_dist=min_dist,
