@@ -30,6 +30,7 @@ def test_demo_writes_every_promised_file(tmp_path):
     assert saved["n_cells"] == 60
     table = pd.read_csv(tmp_path / "features.csv")
     assert len(table) == 60
+    assert set(table["true_class"]) <= {"small nucleus", "large nucleus", "spotted"}
     z = table[[f"z{i}" for i in range(8)]].to_numpy()
     assert np.isfinite(z).all() and z.std(0).max() > 0
     model = load_checkpoint(tmp_path).build_model()

@@ -149,7 +149,8 @@ def run_demo(
         latents, "kmeans", n_clusters=len(class_names), seed=seed
     )
     feats = features_table(table, latents, embedding, clusters)
-    feats.insert(feats.columns.get_loc("cluster") + 1, "true_class", truth_arr)
+    names = np.asarray(class_names)[truth_arr]  # the class by name, as the UMAP plot's legend
+    feats.insert(feats.columns.get_loc("cluster") + 1, "true_class", names)
     export_features_csv(feats, out / "features.csv", sources={"image": "synthetic cells"})
 
     recon = reconstruct(model, crops_arr[:32])
