@@ -367,8 +367,8 @@ def train_on_crops(
     ``resume``; the napari widget runs this in its training process.
 
     ``options.save_dir`` receives ``training.log`` and ``models/checkpoint.pt`` (after the
-    first epoch, at most every CHECKPOINT_SECONDS, and when the run ends).  Yields :func:`run_training`'s reports; returns the checkpoint's
-    path."""
+    first epoch, at most every CHECKPOINT_SECONDS, and when the run ends).  Yields
+    :func:`run_training`'s reports; returns the checkpoint's path."""
     from .checkpoints import load_checkpoint
     from .training import Trainer
 

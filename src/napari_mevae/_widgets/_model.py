@@ -490,7 +490,7 @@ class ModelPanel(Panel):
     def _on_error(self, err: Exception) -> None:
         self.error(f"Training failed: {err}")
         last = Path(self._run_dir) / "models" / "checkpoint.pt"
-        if self._run_dir and last.is_file():  # the last checkpoint (CHECKPOINT_SECONDS old at most)
+        if self._run_dir and last.is_file():  # at most CHECKPOINT_SECONDS + an epoch old
             self._keep(str(last), "the last checkpoint saved before the failure", self._run_type)
 
     def _on_finished(self) -> None:
